@@ -6,7 +6,7 @@ each name pulls in only the module that defines it.
 
 from __future__ import annotations
 
-import importlib as _importlib  # used only on the fixed table below, never on user strings
+from importlib import import_module as _import_module  # only on the fixed table below, never on user input
 
 __version__ = "0.1.0"
 
@@ -30,7 +30,7 @@ def __getattr__(name: str):
     module_name = _EXPORTS.get(name)
     if module_name is None:
         raise AttributeError(f"module 'reftkit' has no attribute {name!r}")
-    module = _importlib.import_module(module_name)
+    module = _import_module(module_name)
     value = module if module_name.endswith("." + name) else getattr(module, name)
     globals()[name] = value
     return value
