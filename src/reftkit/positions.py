@@ -1,0 +1,251 @@
+"""Positions: *which tokens* an intervention reads and writes.
+
+A `Positions` value is a small immutable selector; `resolve(region)` turns it into index tensors for one batch.
+`region` is a boolean `[batch, seq]` mask of the tokens the selector counts over: the attention mask for a
+plain forward, the prompt part of it for training and generation. "First" and "last" are therefore counted over
+real tokens, so left and right padding give the same tokens.
+
+Resolution yields a `Located`: `index [batch, K]` plus `valid [batch, K]`. Rows with fewer than K selected tokens
+are padded by repeating their first valid slot (`canon` names the slot each one copies), so gather and scatter
+stay one vectorised op each and duplicate writes always carry the same value. Rows with nothing selected are
+flagged in `row_valid` and left untouched by the engine.
+
+Kinds: `first_last` ("f3+l3", "f2", "l1", "first", "last"), `all`, `span` (real-token offsets, per example or
+shared), `indices` (absolute positions, `-1` = none), `mask` (absolute boolean mask). `scope` only matters in
+generation: "prompt" edits the prompt once (baked into the KV cache), "generated" edits each new token,
+"all" does both.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import PositionError
+
+_FL_RE = re.compile(r"^(?:f(?P<f>\d+))?(?:\+?l(?P<l>\d+))?$")
+SCOPES = ("prompt", "generated", "all")
+
+
+@dataclass(frozen=True)
+class Located:
+    index: torch.Tensor  # [B, K] long, absolute positions; padded slots repeat a valid one
+    valid: torch.Tensor  # [B, K] bool
+    row_valid: torch.Tensor  # [B] bool
+    canon: torch.Tensor | None  # [B, K] slot each slot copies its value from, None when no slot is padded
+
+    @property
+    def width(self) -> int:
+        return self.index.shape[1]
+
+    def expand_batch(self, factor: int) -> "Located":
+        """Repeat each row `factor` times (beam search and sampling expand the batch this way)."""
+        if factor == 1:
+            return self
+        rep = lambda t: None if t is None else t.repeat_interleave(factor, dim=0)  # noqa: E731
+        return Located(rep(self.index), rep(self.valid), rep(self.row_valid), rep(self.canon))
+
+    def to(self, device) -> "Located":
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Located(mv(self.index), mv(self.valid), mv(self.row_valid), mv(self.canon))
+
+
+@dataclass(frozen=True, eq=False)
+class Positions:
+    kind: str = "first_last"
+    first: int = 0
+    last: int = 1
+    start: "int | torch.Tensor | None" = None
+    end: "int | torch.Tensor | None" = None
+    tensor: torch.Tensor | None = None
+    scope: str = "prompt"
+
+    def __post_init__(self):
+        if self.kind not in ("first_last", "all", "span", "indices", "mask"):
+            raise PositionError(f"unknown positions kind {self.kind!r}")
+        if self.scope not in SCOPES:
+            raise PositionError(f"unknown generation scope {self.scope!r}; expected one of {SCOPES}")
+        if self.kind == "first_last" and (self.first < 0 or self.last < 0 or self.first + self.last == 0):
+            raise PositionError(f"first/last counts must be >= 0 and not both 0 (got f{self.first}+l{self.last})")
+
+    # ---- constructors -------------------------------------------------------------------------------------
+    @classmethod
+    def first_last(cls, first: int = 0, last: int = 0, scope: str = "prompt") -> "Positions":
+        return cls("first_last", first=first, last=last, scope=scope)
+
+    @classmethod
+    def all(cls, scope: str = "prompt") -> "Positions":
+        return cls("all", scope=scope)
+
+    @classmethod
+    def span(cls, start, end, scope: str = "prompt") -> "Positions":
+        return cls("span", start=start, end=end, scope=scope)
+
+    @classmethod
+    def indices(cls, index, scope: str = "prompt") -> "Positions":
+        return cls("indices", tensor=_as_index_tensor(index), scope=scope)
+
+    @classmethod
+    def mask(cls, mask: torch.Tensor, scope: str = "prompt") -> "Positions":
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            raise PositionError("Positions.mask expects a boolean tensor [batch, seq]")
+        return cls("mask", tensor=mask.bool(), scope=scope)
+
+    @classmethod
+    def generated(cls) -> "Positions":
+        """Every generated token, as it is fed back in (nothing on the prompt)."""
+        return cls("all", scope="generated")
+
+    @classmethod
+    def parse(cls, spec) -> "Positions":
+        """Accepts a Positions, a string ("f3+l3", "l1", "first", "last", "all", "generated", "span:2:5"),
+        an index tensor / nested list (absolute positions, -1 or None = none), or a dict from `to_dict`."""
+        if isinstance(spec, Positions):
+            return spec
+        if isinstance(spec, dict):
+            return cls.from_dict(spec)
+        if isinstance(spec, (torch.Tensor, list, tuple)):
+            if isinstance(spec, torch.Tensor) and spec.dtype == torch.bool:
+                return cls.mask(spec)
+            return cls.indices(spec)
+        if not isinstance(spec, str):
+            raise PositionError(f"cannot use {type(spec).__name__} as positions; expected a string like 'f3+l3'")
+        text = spec.strip().lower()
+        scope = "prompt"
+        if "@" in text:
+            text, scope = text.split("@", 1)
+        named = {"first": (1, 0), "last": (0, 1)}
+        if text in named:
+            return cls.first_last(*named[text], scope=scope)
+        if text == "all":
+            return cls.all(scope=scope)
+        if text == "generated":
+            return cls.generated()
+        if text.startswith("span:"):
+            parts = text.split(":")
+            if len(parts) != 3 or not all(p.lstrip("-").isdigit() for p in parts[1:]):
+                raise PositionError(f"cannot parse {spec!r}; a span is written 'span:START:END'")
+            return cls.span(int(parts[1]), int(parts[2]), scope=scope)
+        m = _FL_RE.match(text)
+        if not text or not m or (m.group("f") is None and m.group("l") is None):
+            raise PositionError(
+                f"cannot parse positions {spec!r}; expected 'f<n>', 'l<n>', 'f<n>+l<m>', 'first', 'last', 'all', "
+                "'generated', 'span:START:END' (append '@generated' or '@all' for a generation scope), "
+                "or an index tensor"
+            )
+        return cls.first_last(int(m.group("f") or 0), int(m.group("l") or 0), scope=scope)
+
+    # ---- serialisation (tensor-valued selectors are per batch and are not saved) --------------------------
+    def to_dict(self) -> dict:
+        if self.tensor is not None or isinstance(self.start, torch.Tensor) or isinstance(self.end, torch.Tensor):
+            raise PositionError("tensor-valued positions belong to one batch and cannot be saved in a config")
+        return {"kind": self.kind, "first": self.first, "last": self.last, "start": self.start, "end": self.end,
+                "scope": self.scope}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Positions":
+        allowed = {"kind", "first", "last", "start", "end", "scope"}
+        unknown = set(d) - allowed
+        if unknown:
+            raise PositionError(f"unknown positions fields {sorted(unknown)}; expected {sorted(allowed)}")
+        return cls(**d)
+
+    def __repr__(self) -> str:
+        if self.kind == "first_last":
+            body = "+".join(p for p in (f"f{self.first}" if self.first else "", f"l{self.last}" if self.last else "") if p)
+        elif self.kind == "span":
+            body = f"span:{self.start}:{self.end}"
+        else:
+            body = self.kind
+        return f"Positions({body}, scope={self.scope})"
+
+    # ---- resolution ---------------------------------------------------------------------------------------
+    def resolve(self, region: torch.Tensor) -> Located:
+        """Index tensors for one batch. `region`: [batch, seq] mask of the tokens to count over."""
+        if region.dim() != 2:
+            raise PositionError(f"positions need a [batch, seq] mask, got shape {tuple(region.shape)}")
+        region = region.bool()
+        B, T = region.shape
+        dev = region.device
+        if self.kind == "indices":
+            idx = self.tensor.to(dev)
+            if idx.dim() == 1:
+                idx = idx.unsqueeze(0).expand(B, -1)
+            if idx.shape[0] != B:
+                raise PositionError(f"index positions have batch {idx.shape[0]} but the input has batch {B}")
+            if idx.numel() and (int(idx.max()) >= T or int(idx.min()) < -1):
+                raise PositionError(
+                    f"index positions must lie in 0..{T - 1} (or -1 for none); got {int(idx.min())}..{int(idx.max())}"
+                )
+            return _finish(idx, idx >= 0)
+        if self.kind == "mask":
+            m = self.tensor.to(dev)
+            if m.shape != region.shape:
+                raise PositionError(f"position mask has shape {tuple(m.shape)} but the input is {tuple(region.shape)}")
+            return _from_mask(m)
+        if self.kind == "all":
+            return _from_mask(region)
+        n = region.sum(1)  # real tokens per row
+        start = torch.where(n > 0, region.int().argmax(1), torch.zeros_like(n))  # first real token
+        if self.kind == "span":
+            s = torch.as_tensor(self.start, device=dev).expand(B) if self.start is not None else torch.zeros_like(n)
+            e = torch.as_tensor(self.end, device=dev).expand(B) if self.end is not None else n
+            if (s < 0).any() or (e < s).any():
+                raise PositionError(f"a span needs 0 <= start <= end; got start={self.start}, end={self.end}")
+            if (e > n).any():
+                raise PositionError(f"span end {self.end} is past the real tokens of a row ({int(n.min())} in the shortest)")
+            K = int((e - s).max()) if B else 0
+            ar = torch.arange(max(K, 1), device=dev)
+            idx = start[:, None] + s[:, None] + ar
+            return _finish(idx, ar < (e - s)[:, None])
+        f = torch.clamp(torch.minimum(torch.full_like(n, self.first), (n + 1) // 2), min=0) if self.last else torch.clamp(torch.full_like(n, self.first), max=n)
+        l_ = torch.minimum(torch.full_like(n, self.last), n - f)
+        parts, valids = [], []
+        if self.first:
+            ar = torch.arange(self.first, device=dev)
+            parts.append(start[:, None] + ar)
+            valids.append(ar < f[:, None])
+        if self.last:
+            ar = torch.arange(self.last, device=dev)
+            parts.append(start[:, None] + n[:, None] - self.last + ar)
+            valids.append(ar >= (self.last - l_)[:, None])
+        return _finish(torch.cat(parts, 1), torch.cat(valids, 1))
+
+
+def _as_index_tensor(index) -> torch.Tensor:
+    if isinstance(index, torch.Tensor):
+        if index.dtype.is_floating_point or index.dtype == torch.bool:
+            raise PositionError(f"index positions must be integers, got {index.dtype}")
+        return index.long()
+    rows = list(index)
+    if rows and all(isinstance(r, (list, tuple)) for r in rows):
+        K = max((len(r) for r in rows), default=0)
+        out = torch.full((len(rows), max(K, 1)), -1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            vals = [-1 if v is None else int(v) for v in r]
+            out[i, : len(vals)] = torch.tensor(vals, dtype=torch.long)
+        return out
+    if not all(isinstance(v, int) for v in rows):
+        raise PositionError("index positions must be a tensor, a list of ints, or a list of lists of ints")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _from_mask(m: torch.Tensor) -> Located:
+    counts = m.sum(1)
+    K = max(int(counts.max()) if m.shape[0] else 0, 1)
+    order = torch.sort(m.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :K]
+    return _finish(order, torch.arange(K, device=m.device) < counts[:, None])
+
+
+def _finish(idx: torch.Tensor, valid: torch.Tensor) -> Located:
+    row_valid = valid.any(1)
+    first_valid = valid.int().argmax(1, keepdim=True)  # slot 0 for empty rows
+    filler = idx.gather(1, first_valid).clamp(min=0)
+    idx = torch.where(valid, idx, filler).clamp(min=0)
+    canon = None
+    if not bool(valid[row_valid].all()):
+        slots = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
+        canon = torch.where(valid, slots, first_valid.expand_as(idx))
+    return Located(idx.long(), valid, row_valid, canon)
