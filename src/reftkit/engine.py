@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import InterventionError, PositionError, ReftkitError, SourceError
 from .interventions.base import Intervention
@@ -328,12 +329,16 @@ class IntervenableModel(nn.Module):
 
     def _resolve_locs(self, positions, region: torch.Tensor, source: bool = False) -> dict:
         given = self._per_binding(positions, "positions")
-        locs = {}
+        locs, seen = {}, {}
         for i, b in enumerate(self.bindings):
             spec = given.get(i)
             if spec is None:
                 spec = (b.source_positions if source else None) or b.positions or self.default_positions
-            locs[i] = (Positions.parse(spec).resolve(region), Positions.parse(spec).scope)
+            key = id(spec)
+            if key not in seen:  # one resolution per distinct selector and call
+                p = Positions.parse(spec)
+                seen[key] = (p.resolve(region), p.scope, spec)
+            locs[i] = seen[key][:2]
         return locs
 
     def _row_masks(self, active, locs, batch: int, device) -> dict:
@@ -419,7 +424,8 @@ class IntervenableModel(nn.Module):
                              subspaces, region_mask)
         self._call = call
         try:
-            out = self.model(**inputs)
+            with parametrize.cached():  # orthogonal factors are computed once per forward
+                out = self.model(**inputs)
         finally:
             self._call = None
             self._last_call = call if torch.is_grad_enabled() else None
@@ -448,7 +454,8 @@ class IntervenableModel(nn.Module):
                     "row_mask": dict(call.row_mask)}
         self._call = call
         try:
-            out = self.model.generate(**inputs, **generate_kwargs)
+            with parametrize.cached():
+                out = self.model.generate(**inputs, **generate_kwargs)
         finally:
             self._call = None
         if return_collected:

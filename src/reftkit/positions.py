@@ -187,6 +187,8 @@ class Positions:
             return _from_mask(m)
         if self.kind == "all":
             return _from_mask(region)
+        if self.kind == "first_last" and bool(region.all()):
+            return self._resolve_unpadded(B, T, dev)
         n = region.sum(1)  # real tokens per row
         start = torch.where(n > 0, region.int().argmax(1), torch.zeros_like(n))  # first real token
         if self.kind == "span":
@@ -212,6 +214,22 @@ class Positions:
             parts.append(start[:, None] + n[:, None] - self.last + ar)
             valids.append(ar >= (self.last - l_)[:, None])
         return _finish(torch.cat(parts, 1), torch.cat(valids, 1))
+
+
+    def _resolve_unpadded(self, B: int, T: int, dev) -> Located:
+        """Fast path without padding: every row has the same T real tokens."""
+        f = min(self.first, (T + 1) // 2) if self.last else min(self.first, T)
+        l_ = min(self.last, T - f)
+        picks = list(range(f)) + list(range(T - l_, T))
+        K = self.first + self.last
+        slots = list(range(f)) + [0] * (self.first - f) + [0] * (self.last - l_) + list(range(T - l_, T))
+        index = torch.tensor(slots, dtype=torch.long, device=dev).expand(B, -1)
+        if len(picks) == K:
+            ones = torch.ones(B, K, dtype=torch.bool, device=dev)
+            return Located(index, ones, ones[:, 0], None)
+        valid_row = [True] * f + [False] * (self.first - f) + [False] * (self.last - l_) + [True] * l_
+        valid = torch.tensor(valid_row, device=dev).expand(B, -1)
+        return _finish(index, valid)
 
 
 def _as_index_tensor(index) -> torch.Tensor:
