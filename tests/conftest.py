@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny seeded models (built once per session) and the built-in real models."""
+
+from __future__ import annotations
+
+import pytest
+
+from reftkit.models import TINY_FAMILIES, build_tiny_model, build_tiny_tokenizer, load_model
+
+DECODER_FAMILIES = [family for family, (_, kind, _) in TINY_FAMILIES.items() if kind == "causal-lm"]
+ENCODER_FAMILIES = [family for family, (_, kind, _) in TINY_FAMILIES.items() if kind == "encoder"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """`tiny_model(family)` -> (model, tokenizer), built once per family per session (seed 0)."""
+    built: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in built:
+            kind = TINY_FAMILIES[family][1]
+            built[family] = (build_tiny_model(family), build_tiny_tokenizer(kind))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model):
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The built-in SmolLM2-135M-Instruct from the default cache (the first run converts the GGUF once)."""
+    return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    return load_model("minilm-l6")
