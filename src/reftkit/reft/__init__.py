@@ -1,0 +1,1 @@
+"""ReFT: configs, adapters on a frozen model, data, training."""
