@@ -24,11 +24,6 @@ from typing import Any, Callable, NamedTuple
 from reftkit.errors import ConfigError, ReftkitError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DEMO_PROMPTS = (
-    "What is the capital of France?",
-    "Give me three short tips for staying focused.",
-    "Write a haiku about the sea.",
-)
 
 
 class Command(NamedTuple):
@@ -85,35 +80,6 @@ def attach_adapter(model: Any, adapter_dir: str) -> Any:
     return ReftModel.from_pretrained(model, adapter_dir)
 
 
-def generate_replies(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int = 64,
-                     chat: bool = True) -> list[str]:
-    """Greedy replies to `prompts`, batched with left padding; applies the chat template when there is one."""
-    import torch
-
-    if not callable(getattr(model, "can_generate", None)) or not model.can_generate():
-        raise ConfigError(f"{type(model).__name__} cannot generate text; pass a causal language model "
-                          "(for example smollm2-135m-instruct or tiny-llama)")
-    use_chat = chat and bool(getattr(tokenizer, "chat_template", None))
-    if use_chat:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
-    else:
-        texts = list(prompts)
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not use_chat)
-    finally:
-        tokenizer.padding_side = previous_side
-    device = next(model.parameters()).device
-    batch = {key: value.to(device) for key, value in batch.items()}
-    with torch.no_grad():
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-    new_tokens = output[:, batch["input_ids"].shape[1]:]
-    return [reply.strip() for reply in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-
-
 def _print_replies(args: argparse.Namespace, model_name: str, prompts: list[str], replies: list[str]) -> None:
     if args.json:
         emit_json({"model": model_name,
@@ -161,6 +127,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.adapter:
         model = attach_adapter(model, args.adapter)
     status(f"generating {len(args.prompt)} repl{'y' if len(args.prompt) == 1 else 'ies'}")
+    from reftkit.chat import generate_replies
+
     replies = generate_replies(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                                chat=not args.no_chat)
     _print_replies(args, args.model, args.prompt, replies)
@@ -168,23 +136,102 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    parser.add_argument("--config", default="examples/caps.yaml", help="training recipe (default examples/caps.yaml)")
+    parser.add_argument("--heldout", help="JSONL of held-out prompts (default: caps_heldout.jsonl beside the data)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    model, tokenizer = load_for_cli(args.model, args)
-    prompts = list(DEMO_PROMPTS)
-    status(f"generating {len(prompts)} replies")
-    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
-    _print_replies(args, args.model, prompts, replies)
+    from reftkit.reft.demo import run_demo
+
+    if not args.debug:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+    status(f"training a LoReFT adapter from {args.config}")
+    result = run_demo(args.config, args.heldout, progress=not args.json)
+    if args.json:
+        emit_json(result)
+        return 0
+    for row in result["replies"]:
+        print(f"> {row['prompt']}")
+        print(f"  base:    {_one_line(row['base'])}")
+        print(f"  adapted: {_one_line(row['adapted'])}  [{'ok' if row['ok'] else 'miss'}]")
+    print()
+    print(f"all-caps replies on {len(result['replies'])} held-out prompts: base {result['base_success']:.0%}, "
+          f"adapted {result['adapted_success']:.0%}")
+    print(f"trainable parameters: {result['trainable_parameters']:,} of {result['total_parameters']:,} "
+          f"({result['trainable_percent']:.4f}%); {result['steps']} steps in {result['train_seconds']:.0f} s, "
+          f"final loss {result['final_loss']:.3f}")
+    print(f"adapter saved in {result['adapter']}")
+    return 0
+
+
+def _one_line(text: str, width: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a YAML training recipe (see examples/)")
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from reftkit.reft.recipe import load_recipe, run_recipe
+
+    cfg = load_recipe(args.config)
+    if not args.debug:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+    status(f"training {cfg.get('reft', {}).get('method', 'loreft')} on {cfg['model']} -> {cfg['output_dir']}")
+    metrics = run_recipe(cfg, resume=args.resume, progress=not args.json)
+    if args.json:
+        emit_json(metrics)
+        return 0
+    print(f"trained {metrics['steps']} steps in {metrics['train_seconds']:.1f} s "
+          f"({metrics['examples_per_second']:.2f} examples/s); final loss {metrics['losses'][-1]:.4f}")
+    if metrics["eval"]:
+        print(f"eval loss {metrics['eval'][-1][1]:.4f}")
+    print(f"trainable parameters: {metrics['trainable_parameters']:,} ({metrics['trainable_percent']:.4f}%)")
+    print(f"adapter: {metrics['adapter']}")
+    if metrics.get("loss_plot"):
+        print(f"loss curve: {metrics['loss_plot']}")
+    return 0
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    parser.add_argument("--adapter", metavar="DIR", help="a saved adapter (omit to evaluate the base model)")
+    parser.add_argument("--data", required=True, help="JSONL/CSV rows (prompt/completion, text/label, ...)")
+    parser.add_argument("--task", default="sft", choices=("sft", "classification", "dpo"))
+    parser.add_argument("--num-labels", type=_positive_int, default=2)
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--max-length", type=_positive_int, default=512)
+    parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template to prompts")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from reftkit.reft.evaluate import evaluate_file
+
+    kwargs = {"task": "sequence-classification", "num_labels": args.num_labels} if args.task == "classification" else {}
+    model, tokenizer = load_for_cli(args.model, args, **kwargs)
+    result = evaluate_file(model, tokenizer, args.data, task=args.task, adapter=args.adapter,
+                           batch_size=args.batch_size, max_length=args.max_length, chat=not args.no_chat)
+    if args.json:
+        emit_json(result)
+        return 0
+    for key, value in result.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     return 0
 
 
 COMMANDS: dict[str, Command] = {
     "models": Command(_add_models_arguments, _run_models, "built-in models (`models list`)"),
     "generate": Command(_add_generate_arguments, _run_generate, "greedy replies to prompts"),
-    "demo": Command(_add_demo_arguments, _run_demo, "a short demonstration on the built-in model"),
+    "train": Command(_add_train_arguments, _run_train, "train a ReFT adapter from a YAML recipe"),
+    "eval": Command(_add_eval_arguments, _run_eval, "loss / accuracy of a model or adapter on a data file"),
+    "demo": Command(_add_demo_arguments, _run_demo, "train a LoReFT adapter on SmolLM2 and compare replies"),
 }
 
 

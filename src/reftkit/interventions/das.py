@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import ConfigError, InterventionError
 from .base import Intervention, InterventionConfig, register
-from .reft import orthogonal_low_rank
+from .rotation import orthogonal_low_rank
 
 Subspaces = torch.Tensor | Sequence[int] | Sequence[Sequence[int]] | None
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..chat import prompt_ids
 from ..errors import DataError
 
 TASK_FIELDS = {"sft": ("prompt", "completion"), "classification": ("text", "label"), "dpo": ("prompt", "chosen", "rejected")}
@@ -63,14 +64,6 @@ def check_rows(rows: list[dict], task: str, where: str = "data") -> None:
         for f in TASK_FIELDS[task]:
             if f not in row or row[f] is None or (isinstance(row[f], str) and f != "completion" and not row[f].strip()):
                 raise DataError(f"{where}, row {i}: missing field {f!r} (a {task} row needs {', '.join(TASK_FIELDS[task])})")
-
-
-def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
-    if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt)["input_ids"]
 
 
 def _completion_ids(tokenizer, text: str) -> list[int]:

@@ -8,35 +8,14 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from ..errors import ConfigError
-from .data import prompt_ids
+from ..chat import generate_replies
 
 
 def is_all_caps(text: str) -> bool:
     """At least three letters, and every letter upper case."""
     letters = [c for c in text if c.isalpha()]
     return len(letters) >= 3 and all(c.isupper() for c in letters)
-
-
-def batch_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, chat: bool = True,
-                   adapter_names=None) -> list[str]:
-    """Greedy replies for a batch of prompts (left padded); `model` is a base model or a ReftModel."""
-    ids = [prompt_ids(tokenizer, p, chat) for p in prompts]
-    T = max(len(x) for x in ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(ids), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(ids), T, dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, T - len(x):] = torch.tensor(x)
-        mask[i, T - len(x):] = 1
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    if adapter_names is not None:
-        kwargs["adapter_names"] = adapter_names
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-    return [tokenizer.decode(o[T:], skip_special_tokens=True).strip() for o in out]
 
 
 def run_demo(config_path: "str | Path" = "examples/caps.yaml", heldout_path: "str | Path | None" = None,
@@ -53,12 +32,12 @@ def run_demo(config_path: "str | Path" = "examples/caps.yaml", heldout_path: "st
     t0 = time.perf_counter()
     model, tok = load_model(cfg["model"])
     load_s = time.perf_counter() - t0
-    base = batch_generate(model, tok, prompts)
+    base = generate_replies(model, tok, prompts, max_new_tokens=32)
     metrics = run_recipe(cfg, progress=progress, model_and_tokenizer=(model, tok))
     from .model import ReftModel
 
     reft = ReftModel.from_pretrained(model, metrics["adapter"])
-    adapted = batch_generate(reft, tok, prompts)
+    adapted = generate_replies(reft, tok, prompts, max_new_tokens=32)
     reft.unload()
     return {
         "model": cfg["model"], "load_seconds": round(load_s, 2), "train_seconds": metrics["train_seconds"],

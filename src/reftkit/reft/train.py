@@ -87,12 +87,17 @@ def _batches(data: list[Example], args: TrainArgs, epoch: int) -> list[list[Exam
     return [[data[i] for i in order[s: s + args.batch_size]] for s in range(0, len(order), args.batch_size)]
 
 
+def _raw_state(reft: ReftModel) -> dict[str, torch.Tensor]:
+    """Every trainable tensor as the optimizer sees it (raw parametrization parameters, not the computed
+    matrices of the compact adapter format), so a resumed run continues bit-for-bit."""
+    state = {f"p.{k}": v.detach().cpu().contiguous() for k, v in reft.named_parameters() if v.requires_grad}
+    state.update({f"b.{k}": v.detach().cpu().contiguous() for k, v in reft.adapters.named_buffers()})
+    return state
+
+
 def _save_checkpoint(reft, opt, sched, state: dict, directory: Path) -> None:
-    tensors, meta = {}, {"param_groups": [], "state": {}}
-    sd = opt.state_dict()
-    for gi, group in enumerate(sd["param_groups"]):
-        meta["param_groups"].append({k: v for k, v in group.items()})
-    for pid, st in sd["state"].items():
+    tensors, meta = {}, {"param_groups": opt.state_dict()["param_groups"], "state": {}}
+    for pid, st in opt.state_dict()["state"].items():
         meta["state"][str(pid)] = {}
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
@@ -100,9 +105,8 @@ def _save_checkpoint(reft, opt, sched, state: dict, directory: Path) -> None:
             else:
                 meta["state"][str(pid)][k] = v
     meta["scheduler"] = sched.state_dict()
-    reft.save_pretrained(directory / "adapter")
     write_folder(directory, {"trainer_state.json": json.dumps(state), "optimizer.json": json.dumps(meta)},
-                 {"optimizer.safetensors": tensors})
+                 {"optimizer.safetensors": tensors, "model_state.safetensors": _raw_state(reft)})
 
 
 def _load_checkpoint(reft, opt, sched, directory: Path) -> dict:
@@ -110,23 +114,38 @@ def _load_checkpoint(reft, opt, sched, directory: Path) -> dict:
 
     meta = json.loads((directory / "optimizer.json").read_text())
     tensors = load_file(str(directory / "optimizer.safetensors"))
-    state = {}
-    for pid, st in meta["state"].items():
-        st = dict(st)
-        for key, v in tensors.items():
-            p, _, k = key.partition(".")
-            if p == pid:
-                st[k] = v
-        state[int(pid)] = st
+    state = {int(pid): dict(st) for pid, st in meta["state"].items()}
+    for key, v in tensors.items():
+        pid, _, k = key.partition(".")
+        state[int(pid)][k] = v
+    raw = load_file(str(directory / "model_state.safetensors"))
+    params = dict(reft.named_parameters())
+    buffers = dict(reft.adapters.named_buffers())
+    with torch.no_grad():
+        for key, v in raw.items():
+            kind, _, name = key.partition(".")
+            target = params.get(name) if kind == "p" else buffers.get(name)
+            if target is None or target.shape != v.shape:
+                raise ConfigError(f"checkpoint {directory} does not match this adapter ({name})")
+            target.copy_(v)
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     sched.load_state_dict(meta["scheduler"])
-    adapter = directory / "adapter"
-    from safetensors.torch import load_file as lf
-
-    for name in reft.configs:
-        sub = adapter if (adapter / "adapter_model.safetensors").is_file() and len(reft.configs) == 1 else adapter / name
-        reft._load_state(name, lf(str(sub / "adapter_model.safetensors")), sub)
     return json.loads((directory / "trainer_state.json").read_text())
+
+
+def param_groups(reft: ReftModel, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: rotations (whose raw parameter must never decay: the Householder
+    map reads its diagonal as signs) and the rest."""
+    no_decay = set()
+    for prefix, mod in reft.named_modules():
+        if hasattr(mod, "no_weight_decay"):
+            no_decay |= {f"{prefix}.{n}" if prefix else n for n in mod.no_weight_decay()}
+    decay, keep = [], []
+    for name, p in reft.named_parameters():
+        if p.requires_grad:
+            (keep if name in no_decay else decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0})
+            if g["params"]]
 
 
 def evaluate(reft: ReftModel, data: list[Example], collator: Collator, args: TrainArgs, task: str) -> float:
@@ -145,13 +164,13 @@ def train(reft: ReftModel, data: list[Example], args: TrainArgs, *, task: str = 
     """Train the active adapter. Returns metrics: per-step losses, eval losses, time, examples/s."""
     if not data:
         raise DataError("the training set is empty")
-    params = [p for p in reft.parameters() if p.requires_grad]
-    if not params:
+    groups = param_groups(reft, args.weight_decay)
+    if not groups:
         raise ConfigError("nothing to train: the adapter has no trainable parameters")
     collator = Collator(pad_token_id, task, args.padding_side)
     steps_per_epoch = math.ceil(math.ceil(len(data) / args.batch_size) / args.grad_accum)
     total_steps = args.max_steps or max(1, int(math.ceil(steps_per_epoch * args.epochs)))
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=args.lr)
     warm = int(args.warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / max(warm, 1) if s < warm else max(0.0, (total_steps - s) / max(total_steps - warm, 1)))
