@@ -105,10 +105,19 @@ def test_bad_arguments_exit_2(capsys):
     assert run(capsys)[0] == 2
 
 
-def test_demo_on_tiny_model(capsys):
-    code, out, _ = run(capsys, "demo", "--model", "tiny-llama", "--max-new-tokens", "2", "--json")
-    assert code == 0
-    assert [o["prompt"] for o in json.loads(out)["outputs"]] == list(cli.DEMO_PROMPTS)
+def test_demo_on_tiny_model(capsys, tmp_path):
+    rows = [{"prompt": f"question {i}", "completion": "YES SIR"} for i in range(8)]
+    (tmp_path / "caps_train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "caps_heldout.jsonl").write_text("\n".join(json.dumps({"prompt": f"other {i}"}) for i in range(3)))
+    (tmp_path / "demo.yaml").write_text(
+        "model: tiny-llama\ndata: caps_train.jsonl\noutput_dir: " + str(tmp_path / "run") + "\n"
+        "reft: {method: loreft, layers: [1, 3], rank: 2, positions: l1}\ntrain: {epochs: 1, batch_size: 4}\n")
+    code, out, err = run(capsys, "demo", "--config", str(tmp_path / "demo.yaml"), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert [r["prompt"] for r in result["replies"]] == [f"other {i}" for i in range(3)]
+    assert result["steps"] == 2 and 0 < result["trainable_percent"] < 100
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
 
 
 def test_python_dash_m_entry_point():

@@ -22,6 +22,7 @@ _EXPORTS = {
     "ReftConfig": "reftkit.reft.config",
     "get_reft_model": "reftkit.reft.model",
     "ReftModel": "reftkit.reft.model",
+    "ReftTrainer": "reftkit.reft.trainer",
     "errors": "reftkit.errors",
 }
 

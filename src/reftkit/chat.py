@@ -35,9 +35,8 @@ def generate_replies(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     """Greedy replies for a batch of prompts."""
     if not prompts:
         raise ConfigError("no prompts given")
-    base = getattr(model, "model", model)
-    if not callable(getattr(base, "can_generate", None)) or not base.can_generate():
-        raise ConfigError(f"{type(base).__name__} cannot generate text; pass a causal language model "
+    if not callable(getattr(model, "can_generate", None)) or not model.can_generate():
+        raise ConfigError(f"{type(model).__name__} cannot generate text; pass a causal language model "
                           "(for example smollm2-135m-instruct or tiny-llama)")
     device = next(model.parameters()).device
     batch = left_padded(tokenizer, prompts, chat, device)

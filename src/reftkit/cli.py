@@ -206,6 +206,7 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="JSONL/CSV rows (prompt/completion, text/label, ...)")
     parser.add_argument("--task", default="sft", choices=("sft", "classification", "dpo"))
     parser.add_argument("--num-labels", type=_positive_int, default=2)
+    parser.add_argument("--label-names", help="comma-separated label names, for string labels (classification)")
     parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--max-length", type=_positive_int, default=512)
     parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template to prompts")
@@ -217,7 +218,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     kwargs = {"task": "sequence-classification", "num_labels": args.num_labels} if args.task == "classification" else {}
     model, tokenizer = load_for_cli(args.model, args, **kwargs)
     result = evaluate_file(model, tokenizer, args.data, task=args.task, adapter=args.adapter,
-                           batch_size=args.batch_size, max_length=args.max_length, chat=not args.no_chat)
+                           batch_size=args.batch_size, max_length=args.max_length, chat=not args.no_chat,
+                           label_names=args.label_names.split(",") if args.label_names else None)
     if args.json:
         emit_json(result)
         return 0

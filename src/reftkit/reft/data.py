@@ -6,7 +6,9 @@
 - `dpo` rows have `prompt`, `chosen` and `rejected`.
 
 The collator pads (right by default, left on request) and emits `prompt_mask`, the prompt's real tokens, from
-which intervention positions are counted: nobody offsets positions for padding by hand.
+which intervention positions are counted: nobody offsets positions for padding by hand. Left-padded batches also
+carry `position_ids` counted over real tokens (as `generate` does), so absolute position embeddings see the same
+positions whichever side is padded.
 Bad rows raise `DataError` naming the file, the row number and the field.
 """
 
@@ -133,6 +135,8 @@ class Collator:
             if labelled:
                 labels[i, off + pl: off + len(s)] = torch.tensor(s[pl:])
         out = {"input_ids": ids, "attention_mask": am, "prompt_mask": pm}
+        if self.side == "left":  # as generate does: real tokens keep the positions they have unpadded
+            out["position_ids"] = (am.cumsum(1) - 1).clamp(min=0)
         if labelled:
             out["labels"] = labels
         return out

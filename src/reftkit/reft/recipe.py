@@ -3,16 +3,19 @@
 ```yaml
 model: smollm2-135m-instruct      # built-in name, local folder or .gguf
 task: sft                         # sft | classification | dpo
-data: examples/data/caps_train.jsonl
-eval_data: examples/data/caps_eval.jsonl   # optional
+data: data/caps_train.jsonl       # relative paths are also looked up beside this file
+eval_data: data/my_eval.jsonl     # optional
 output_dir: runs/caps
 chat: true                        # apply the chat template to prompts
 max_length: 256
 reft: {method: loreft, layers: [8, 16, 24], rank: 4, positions: f1+l1, tied: true}
 train: {epochs: 3, batch_size: 8, lr: 0.004, save_every: 10}
 ```
+For `classification` the model gets a head with `num_labels` outputs (or one per entry of `label_names`, which
+maps string labels to ids); unless `reft.modules_to_save` says otherwise, the head is trained and saved with the
+adapter. Every key is checked when the file is loaded, before any model is.
 `run_recipe` writes the adapter (`output_dir/adapter`), `metrics.json` and, when matplotlib is installed,
-`loss.png`; with `resume=True` it continues from `output_dir/checkpoint`.
+`loss.png`; with `resume=True` it continues from `output_dir/checkpoint` (written every `train.save_every` steps).
 """
 
 from __future__ import annotations
@@ -22,12 +25,11 @@ import logging
 from dataclasses import fields
 from pathlib import Path
 
-from ..atomic import write_folder
 from ..errors import ConfigError
 from .config import ReftConfig
 from .data import encode, read_rows
 from .model import ReftModel
-from .train import TrainArgs, train
+from .train import TASKS, TrainArgs, train
 
 log = logging.getLogger(__name__)
 TOP_KEYS = {"model", "task", "data", "eval_data", "output_dir", "chat", "max_length", "reft", "train", "num_labels",
@@ -58,12 +60,26 @@ def load_recipe(path: "str | Path") -> dict:
             cfg[key] = str(base / cfg[key])
     cfg.setdefault("task", "sft")
     cfg.setdefault("output_dir", str(Path("runs") / path.stem))
+    if cfg["task"] not in TASKS:
+        raise ConfigError(f"{path}: unknown task {cfg['task']!r}; expected one of {', '.join(TASKS)}")
+    reft_config(cfg)  # checked now, before a model is loaded
+    train_args(cfg)
     return cfg
+
+
+def reft_config(cfg: dict) -> ReftConfig:
+    given = cfg.get("reft") or {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"'reft' must be a mapping of ReftConfig fields, got {given!r}")
+    return ReftConfig.from_dict(given)
 
 
 def train_args(cfg: dict) -> TrainArgs:
     allowed = {f.name for f in fields(TrainArgs)}
-    given = dict(cfg.get("train") or {})
+    given = cfg.get("train") or {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"'train' must be a mapping of training options, got {given!r}")
+    given = dict(given)
     unknown = set(given) - allowed
     if unknown:
         raise ConfigError(f"unknown train options {sorted(unknown)}; expected {sorted(allowed)}")
@@ -76,14 +92,15 @@ def run_recipe(cfg: dict, *, resume: bool = False, progress: bool = True, model_
 
     task = cfg["task"]
     if model_and_tokenizer is None:
-        kwargs = {"task": "sequence-classification", "num_labels": cfg.get("num_labels", 2)} if task == "classification" else {}
+        num_labels = cfg.get("num_labels") or len(cfg.get("label_names") or []) or 2
+        kwargs = {"task": "sequence-classification", "num_labels": num_labels} if task == "classification" else {}
         model_and_tokenizer = load_model(cfg["model"], **kwargs)
     model, tok = model_and_tokenizer
-    reft_cfg = ReftConfig(**(cfg.get("reft") or {}))
-    if task == "classification" and not reft_cfg.extra.get("modules_to_save"):
+    reft_cfg = reft_config(cfg)
+    if task == "classification" and not reft_cfg.modules_to_save:
         head = next((n for n in ("classifier", "score") if hasattr(model, n)), None)
         if head:
-            reft_cfg.extra["modules_to_save"] = [head]
+            reft_cfg.modules_to_save = [head]
     chat = cfg.get("chat", True)
     max_length = int(cfg.get("max_length", 512))
     data = encode(tok, read_rows(cfg["data"]), task, chat=chat, max_length=max_length,
@@ -105,7 +122,9 @@ def run_recipe(cfg: dict, *, resume: bool = False, progress: bool = True, model_
                "examples_per_second": round(result["examples_per_second"], 3), "trainable_parameters": trainable,
                "total_parameters": total, "trainable_percent": 100 * trainable / total,
                "reft": reft_cfg.to_dict(), "adapter": str(out / "adapter")}
-    write_folder(out, {"metrics.json": json.dumps(metrics, indent=2)})
+    tmp = out / "metrics.json.tmp"  # written beside and renamed: a reader never sees half a file
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(out / "metrics.json")
     plot = plot_losses(result["losses"], result["eval"], out / "loss.png")
     metrics["loss_plot"] = str(plot) if plot else None
     return metrics

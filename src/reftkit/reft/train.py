@@ -4,9 +4,11 @@
   in `modules_to_save` to train it) and `dpo` (the reference model is the same model with adapters disabled,
   so no second copy is held in memory).
 - Gradient accumulation, periodic evaluation, an optional bf16 autocast path for CPUs and GPUs that have it.
-- Checkpoints hold the adapter (config + safetensors), the optimizer state (safetensors + JSON) and the loop
-  state; they are written atomically every `save_every` steps, so a kill loses at most that interval, and
-  `resume=True` continues from the last one with the same data order.
+- Checkpoints hold the trainable tensors as the optimizer sees them (raw parametrization parameters, not the
+  computed matrices of the adapter format), the optimizer and scheduler state, the RNG state and the loop state,
+  all as safetensors + JSON. They are written atomically every `save_every` steps, so a kill loses at most that
+  interval, and `resume=True` continues from the last one with the same data order: the resumed run ends with
+  the weights an uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,10 +25,11 @@ from torch.nn import functional as F
 
 from ..atomic import write_folder
 from ..errors import ConfigError, DataError
-from .data import Collator, Example
+from .data import TASK_FIELDS, Collator, Example
 from .model import ReftModel
 
 log = logging.getLogger(__name__)
+TASKS = tuple(TASK_FIELDS)
 
 
 @dataclass
@@ -46,13 +49,32 @@ class TrainArgs:
     dpo_beta: float = 0.1
     padding_side: str = "right"
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "eval_every", "save_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"train option {name} must be an integer, got {value!r}")
+        for name in ("epochs", "lr", "weight_decay", "warmup_ratio", "dpo_beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"train option {name} must be a number, got {value!r}")
         if self.batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError("batch_size and grad_accum must be >= 1")
+            raise ConfigError(f"batch_size and grad_accum must be >= 1, got {self.batch_size} and {self.grad_accum}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
+                                           or self.max_steps < 1):
+            raise ConfigError(f"max_steps must be a positive integer or null, got {self.max_steps!r}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ConfigError(f"epochs must be positive, got {self.epochs}")
+        if not 0.0 <= self.warmup_ratio < 1.0 or self.weight_decay < 0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1) and weight_decay >= 0, got {self.warmup_ratio} "
+                              f"and {self.weight_decay}")
+        if min(self.eval_every, self.save_every) < 0:
+            raise ConfigError("eval_every and save_every must be >= 0 (0 = never)")
+        if self.padding_side not in ("left", "right"):
+            raise ConfigError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
 
 
 def sequence_logprobs(reft: ReftModel, batch: dict) -> torch.Tensor:
@@ -70,15 +92,28 @@ def sequence_logprobs(reft: ReftModel, batch: dict) -> torch.Tensor:
     return torch.zeros(labels.shape[0], device=lp.device, dtype=lp.dtype).index_add(0, rows, lp)
 
 
-def _loss(reft: ReftModel, batch: dict, task: str, beta: float) -> torch.Tensor:
+def batch_items(batch: dict, task: str) -> int:
+    """What a batch's loss averages over: label tokens (sft), labelled examples (classification), pairs (dpo)."""
+    labels = batch["labels"]
+    if task == "dpo":
+        return labels.shape[0] // 2
+    counted = labels[:, 1:] if task == "sft" else labels
+    return int((counted != -100).sum()) if not counted.is_floating_point() else counted.shape[0]
+
+
+def task_loss(reft: ReftModel, batch: dict, task: str, beta: float = 0.1, num_items: int | None = None):
+    """The loss of one batch: the mean over its items, or (with `num_items`, the items of a whole accumulation
+    window) their sum divided by `num_items`, so a window's micro-batches add up to one large batch's loss.
+    DPO's reference is the same model with its adapters disabled: no second copy of the model exists."""
     if task != "dpo":
-        return reft(**batch).loss
+        return reft(**batch, num_items_in_batch=num_items).loss
     B = batch["input_ids"].shape[0] // 2
     policy = sequence_logprobs(reft, batch)
     with torch.no_grad(), reft.disable_adapter():
         ref = sequence_logprobs(reft, batch)
     margin = (policy[:B] - ref[:B]) - (policy[B:] - ref[B:])
-    return -F.logsigmoid(beta * margin).mean()
+    losses = -F.logsigmoid(beta * margin)
+    return losses.mean() if num_items is None else losses.sum() / num_items
 
 
 def _batches(data: list[Example], args: TrainArgs, epoch: int) -> list[list[Example]]:
@@ -87,12 +122,25 @@ def _batches(data: list[Example], args: TrainArgs, epoch: int) -> list[list[Exam
     return [[data[i] for i in order[s: s + args.batch_size]] for s in range(0, len(order), args.batch_size)]
 
 
-def _raw_state(reft: ReftModel) -> dict[str, torch.Tensor]:
+def raw_state(reft: ReftModel) -> dict[str, torch.Tensor]:
     """Every trainable tensor as the optimizer sees it (raw parametrization parameters, not the computed
     matrices of the compact adapter format), so a resumed run continues bit-for-bit."""
     state = {f"p.{k}": v.detach().cpu().contiguous() for k, v in reft.named_parameters() if v.requires_grad}
     state.update({f"b.{k}": v.detach().cpu().contiguous() for k, v in reft.adapters.named_buffers()})
     return state
+
+
+def load_raw_state(reft: ReftModel, raw: dict[str, torch.Tensor], where) -> None:
+    """Copy tensors saved by `raw_state` into the model in place (the optimizer keeps its parameters)."""
+    params = dict(reft.named_parameters())
+    buffers = dict(reft.adapters.named_buffers())
+    with torch.no_grad():
+        for key, v in raw.items():
+            kind, _, name = key.partition(".")
+            target = params.get(name) if kind == "p" else buffers.get(name)
+            if target is None or target.shape != v.shape:
+                raise ConfigError(f"checkpoint {where} does not match this adapter ({name})")
+            target.copy_(v)
 
 
 def _save_checkpoint(reft, opt, sched, state: dict, directory: Path) -> None:
@@ -105,32 +153,37 @@ def _save_checkpoint(reft, opt, sched, state: dict, directory: Path) -> None:
             else:
                 meta["state"][str(pid)][k] = v
     meta["scheduler"] = sched.state_dict()
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     write_folder(directory, {"trainer_state.json": json.dumps(state), "optimizer.json": json.dumps(meta)},
-                 {"optimizer.safetensors": tensors, "model_state.safetensors": _raw_state(reft)})
+                 {"optimizer.safetensors": tensors, "model_state.safetensors": raw_state(reft),
+                  "rng_state.safetensors": rng})
 
 
 def _load_checkpoint(reft, opt, sched, directory: Path) -> dict:
     from safetensors.torch import load_file
 
-    meta = json.loads((directory / "optimizer.json").read_text())
-    tensors = load_file(str(directory / "optimizer.safetensors"))
-    state = {int(pid): dict(st) for pid, st in meta["state"].items()}
+    try:
+        meta = json.loads((directory / "optimizer.json").read_text())
+        tensors = load_file(str(directory / "optimizer.safetensors"))
+        raw = load_file(str(directory / "model_state.safetensors"))
+        rng = load_file(str(directory / "rng_state.safetensors"))
+        state = json.loads((directory / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"checkpoint {directory} is unreadable ({e}); delete it to start afresh") from e
+    opt_state = {int(pid): dict(st) for pid, st in meta["state"].items()}
     for key, v in tensors.items():
         pid, _, k = key.partition(".")
-        state[int(pid)][k] = v
-    raw = load_file(str(directory / "model_state.safetensors"))
-    params = dict(reft.named_parameters())
-    buffers = dict(reft.adapters.named_buffers())
-    with torch.no_grad():
-        for key, v in raw.items():
-            kind, _, name = key.partition(".")
-            target = params.get(name) if kind == "p" else buffers.get(name)
-            if target is None or target.shape != v.shape:
-                raise ConfigError(f"checkpoint {directory} does not match this adapter ({name})")
-            target.copy_(v)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        opt_state[int(pid)][k] = v
+    load_raw_state(reft, raw, directory)
+    opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
     sched.load_state_dict(meta["scheduler"])
-    return json.loads((directory / "trainer_state.json").read_text())
+    torch.set_rng_state(rng["cpu"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return state
 
 
 def param_groups(reft: ReftModel, weight_decay: float) -> list[dict]:
@@ -148,25 +201,37 @@ def param_groups(reft: ReftModel, weight_decay: float) -> list[dict]:
             if g["params"]]
 
 
+def _autocast(reft: ReftModel, enabled: bool):
+    device = next(reft.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
+
+
 def evaluate(reft: ReftModel, data: list[Example], collator: Collator, args: TrainArgs, task: str) -> float:
+    """The loss over `data`, averaged over its items (label tokens, examples or pairs) as in training."""
+    was_training = reft.training
     reft.eval()
     total, n = 0.0, 0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+    with torch.no_grad(), _autocast(reft, args.bf16):
         for s in range(0, len(data), args.batch_size):
             batch = collator(data[s: s + args.batch_size])
-            total += float(_loss(reft, batch, task, args.dpo_beta)) * len(data[s: s + args.batch_size])
-            n += len(data[s: s + args.batch_size])
+            total += float(task_loss(reft, batch, task, args.dpo_beta, num_items=1))
+            n += batch_items(batch, task)
+    reft.train(was_training)
     return total / max(n, 1)
 
 
 def train(reft: ReftModel, data: list[Example], args: TrainArgs, *, task: str = "sft", pad_token_id: int = 0,
           eval_data: list[Example] | None = None, resume: bool = False) -> dict:
-    """Train the active adapter. Returns metrics: per-step losses, eval losses, time, examples/s."""
+    """Train the trainable adapters (and `modules_to_save`). Returns metrics: the loss of every optimizer step,
+    eval losses, time, examples/s. Each step accumulates `grad_accum` batches, normalised over the items of all
+    of them, so it equals one step on a batch `grad_accum` times larger."""
     if not data:
         raise DataError("the training set is empty")
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     groups = param_groups(reft, args.weight_decay)
     if not groups:
-        raise ConfigError("nothing to train: the adapter has no trainable parameters")
+        raise ConfigError("nothing to train: the adapter has no trainable parameters (load it with is_trainable=True)")
     collator = Collator(pad_token_id, task, args.padding_side)
     steps_per_epoch = math.ceil(math.ceil(len(data) / args.batch_size) / args.grad_accum)
     total_steps = args.max_steps or max(1, int(math.ceil(steps_per_epoch * args.epochs)))
@@ -174,46 +239,66 @@ def train(reft: ReftModel, data: list[Example], args: TrainArgs, *, task: str = 
     warm = int(args.warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / max(warm, 1) if s < warm else max(0.0, (total_steps - s) / max(total_steps - warm, 1)))
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "losses": [], "eval": [], "train_seconds": 0.0, "examples": 0}
+    layout = {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "seed": args.seed, "examples_in_data": len(data)}
     ckpt = Path(args.output_dir) / "checkpoint" if args.output_dir else None
-    if resume:
-        if ckpt is None or not (ckpt / "trainer_state.json").is_file():
-            raise ConfigError(f"nothing to resume: no checkpoint in {ckpt}")
-        state = _load_checkpoint(reft, opt, sched, ckpt)
-        log.info("resumed at step %d", state["step"])
-    bar = None
-    if args.progress:
-        from tqdm.auto import tqdm
+    if resume and (ckpt is None or not (ckpt / "trainer_state.json").is_file()):
+        raise ConfigError(f"nothing to resume: no checkpoint in {ckpt} (checkpoints need save_every > 0)")
+    device = next(reft.parameters()).device
+    # dropout draws from an RNG seeded by args.seed (and restored on resume); the caller's RNG is left alone
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "losses": [], "eval": [], "train_seconds": 0.0,
+                 "examples": 0, "layout": layout}
+        if resume:
+            state = _load_checkpoint(reft, opt, sched, ckpt)
+            if state.get("layout") != layout:
+                raise ConfigError(f"checkpoint {ckpt} was written with {state.get('layout')}, but this run has "
+                                  f"{layout}; resume with the same data, batch_size, grad_accum and seed")
+            log.info("resumed at step %d", state["step"])
+        bar = None
+        if args.progress:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", leave=False)
+            bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", leave=False)
+        try:
+            _loop(reft, data, args, task, collator, opt, sched, state, total_steps, ckpt, eval_data, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+    reft.eval()
+    state["examples_per_second"] = state["examples"] / max(state["train_seconds"], 1e-9)
+    state["args"] = asdict(args)
+    return state
+
+
+def _loop(reft, data, args: TrainArgs, task: str, collator, opt, sched, state: dict, total_steps: int, ckpt,
+          eval_data, bar) -> None:
     reft.train()
     t0 = time.perf_counter() - state["train_seconds"]
-    micro, accum_loss = 0, 0.0
+    ga = args.grad_accum
     while state["step"] < total_steps:
         batches = _batches(data, args, state["epoch"])
-        for bi in range(state["batch_in_epoch"], len(batches)):
-            batch = collator(batches[bi])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                loss = _loss(reft, batch, task, args.dpo_beta) / args.grad_accum
-            loss.backward()
-            accum_loss += float(loss.detach())
-            micro += 1
-            state["examples"] += len(batches[bi])
-            state["batch_in_epoch"] = bi + 1
-            if micro % args.grad_accum and bi + 1 < len(batches):
-                continue
+        for start in range(state["batch_in_epoch"], len(batches), ga):
+            window = [collator(b) for b in batches[start: start + ga]]
+            items = max(sum(batch_items(b, task) for b in window), 1)
+            step_loss = 0.0
+            for batch in window:
+                with _autocast(reft, args.bf16):
+                    loss = task_loss(reft, batch, task, args.dpo_beta, num_items=items)
+                loss.backward()
+                step_loss += float(loss.detach())
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             state["step"] += 1
-            state["losses"].append(accum_loss)
-            micro, accum_loss = 0, 0.0
+            state["batch_in_epoch"] = min(start + ga, len(batches))
+            state["examples"] += sum(len(b) for b in batches[start: start + ga])
+            state["losses"].append(step_loss)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{state['losses'][-1]:.4f}")
+                bar.set_postfix(loss=f"{step_loss:.4f}")
             if eval_data and args.eval_every and state["step"] % args.eval_every == 0:
                 state["eval"].append([state["step"], evaluate(reft, eval_data, collator, args, task)])
-                reft.train()
             if ckpt is not None and args.save_every and state["step"] % args.save_every == 0:
                 state["train_seconds"] = time.perf_counter() - t0
                 _save_checkpoint(reft, opt, sched, state, ckpt)
@@ -222,14 +307,8 @@ def train(reft: ReftModel, data: list[Example], args: TrainArgs, *, task: str = 
         else:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-    if bar is not None:
-        bar.close()
     state["train_seconds"] = time.perf_counter() - t0
-    if eval_data:
+    if eval_data and not (state["eval"] and state["eval"][-1][0] == state["step"]):
         state["eval"].append([state["step"], evaluate(reft, eval_data, collator, args, task)])
     if ckpt is not None and args.save_every:
         _save_checkpoint(reft, opt, sched, state, ckpt)
-    reft.eval()
-    state["examples_per_second"] = state["examples"] / max(state["train_seconds"], 1e-9)
-    state["args"] = asdict(args)
-    return state

@@ -1,0 +1,44 @@
+"""Fixtures for the ReFT tests: tiny models that can learn, small datasets, and one thread per test.
+
+The default tiny models are initialised with std 0.02, which together with the final norm caps every logit near
+1: no adapter can bring a loss far below log(vocab) there. Tests that check learning build the tiny Llama with
+`initializer_range=0.2` instead, where a few dozen steps memorise a toy dataset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reftkit.models import build_tiny_model, build_tiny_tokenizer
+
+ANIMALS = [("cat", "meow"), ("dog", "woof"), ("cow", "moo"), ("owl", "hoot")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest (and least disturbed by other processes) on one thread."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def llama():
+    """A fresh tiny Llama (adapters freeze and hook it, so tests that attach them get their own)."""
+    return build_tiny_model("llama")
+
+
+@pytest.fixture
+def learnable_llama():
+    return build_tiny_model("llama", initializer_range=0.2)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def animal_rows():
+    return [{"prompt": p, "completion": c} for p, c in ANIMALS] * 2

@@ -1,0 +1,127 @@
+"""YAML recipes and the `reftkit train / eval / generate --adapter` commands on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from reftkit.cli import main
+from reftkit.errors import ConfigError
+from reftkit.reft.evaluate import evaluate_file
+from reftkit.reft.recipe import load_recipe, run_recipe
+
+from .conftest import ANIMALS
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    data = tmp_path / "animals.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "completion": c}) for p, c in ANIMALS * 2))
+    cfg = {"model": "tiny-llama", "task": "sft", "data": "animals.jsonl", "eval_data": "animals.jsonl",
+           "output_dir": str(tmp_path / "run"), "chat": False, "max_length": 64,
+           "reft": {"method": "loreft", "layers": [1, 3], "rank": 4, "positions": "f1+l1"},
+           "train": {"max_steps": 4, "batch_size": 4, "lr": 0.01, "save_every": 2}}
+    path = tmp_path / "recipe.yaml"
+
+    def write(**changes):
+        path.write_text(yaml.safe_dump({**cfg, **changes}))
+        return path
+
+    write()
+    return write
+
+
+def test_train_command_writes_adapter_metrics_and_plot(capsys, recipe, tmp_path):
+    code, out, err = run(capsys, "train", recipe())
+    assert code == 0, err
+    run_dir = tmp_path / "run"
+    assert {p.name for p in (run_dir / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and len(metrics["losses"]) == 4 and metrics["eval"][-1][0] == 4
+    assert metrics["trainable_parameters"] == 2 * (64 * 4 + 4 * 64 + 4)
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "trained 4 steps" in out and f"adapter: {run_dir / 'adapter'}" in out
+
+    code, out, err = run(capsys, "train", recipe(train={"max_steps": 6, "batch_size": 4, "lr": 0.01, "save_every": 2}),
+                         "--resume", "--json")
+    assert code == 0, err
+    resumed = json.loads(out)
+    assert resumed["steps"] == 6 and resumed["losses"][:4] == metrics["losses"]
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 6
+
+
+def test_eval_and_generate_with_the_trained_adapter(capsys, recipe, tmp_path):
+    assert run(capsys, "train", recipe(), "--json")[0] == 0
+    adapter, data = tmp_path / "run" / "adapter", tmp_path / "animals.jsonl"
+    code, out, err = run(capsys, "eval", "--model", "tiny-llama", "--adapter", adapter, "--data", data,
+                         "--no-chat", "--json")
+    assert code == 0, err
+    with_adapter = json.loads(out)
+    assert with_adapter["examples"] == 8 and with_adapter["loss"] > 0
+    code, out, _ = run(capsys, "eval", "--model", "tiny-llama", "--data", data, "--no-chat", "--json")
+    assert code == 0 and json.loads(out)["loss"] != with_adapter["loss"]
+    code, out, err = run(capsys, "generate", "--model", "tiny-llama", "--adapter", adapter, "--prompt", "cat",
+                         "--no-chat", "--max-new-tokens", "3", "--json")
+    assert code == 0, err
+    assert json.loads(out)["outputs"][0]["prompt"] == "cat"
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"modle": "tiny-llama"}, r"unknown keys \['modle'\]"),
+    ({"reft": {"rnak": 4}}, r"unknown ReftConfig fields \['rnak'\]"),
+    ({"train": {"epochz": 1}}, r"unknown train options \['epochz'\]"),
+    ({"train": {"lr": "fast"}}, "lr must be a number"),
+    ({"task": "qa"}, "unknown task 'qa'"),
+    ({"reft": {"positions": "f1+"}}, "cannot parse positions"),
+])
+def test_bad_recipes_exit_2_with_one_line(capsys, recipe, changes, match):
+    import re
+
+    code, out, err = run(capsys, "train", recipe(**changes))
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert re.search(match, err)
+
+
+def test_resume_without_a_checkpoint_is_an_error(capsys, recipe):
+    code, _, err = run(capsys, "train", recipe(), "--resume")
+    assert code == 2 and "nothing to resume" in err
+
+
+def test_load_recipe_resolves_data_beside_the_yaml(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path.parent)
+    cfg = load_recipe(recipe())
+    assert cfg["data"] == str(tmp_path / "animals.jsonl")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_classification_recipe_trains_and_saves_the_head(tmp_path):
+    from reftkit.models import build_tiny_model, build_tiny_tokenizer
+
+    data = tmp_path / "sentiment.csv"
+    data.write_text("text,label\n" + "".join(f"{w * n},{lab}\n" for w, lab in (("a ", "neg"), ("b ", "pos"))
+                                               for n in range(1, 5)))
+    cfg = {"model": "tiny-bert", "task": "classification", "data": str(data), "output_dir": str(tmp_path / "run"),
+           "label_names": ["neg", "pos"], "reft": {"layers": "all", "rank": 2},
+           "train": {"max_steps": 3, "batch_size": 4, "progress": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    cfg = load_recipe(tmp_path / "c.yaml")
+    model = build_tiny_model("bert", task="sequence-classification", num_labels=2)
+    tok = build_tiny_tokenizer("encoder")
+    metrics = run_recipe(cfg, progress=False, model_and_tokenizer=(model, tok))
+    assert metrics["reft"]["modules_to_save"] == ["classifier"]
+    fresh = build_tiny_model("bert", task="sequence-classification", num_labels=2)
+    result = evaluate_file(fresh, tok, data, task="classification", adapter=metrics["adapter"],
+                           label_names=["neg", "pos"])
+    assert result["examples"] == 8 and 0.0 <= result["accuracy"] <= 1.0
+    assert torch.equal(fresh.classifier.weight, model.classifier.weight)  # the trained head came with the adapter
