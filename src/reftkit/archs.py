@@ -78,7 +78,7 @@ _BERT_LIKE = Family(
         "key_output": ("attention.self.key", "output", 0),
         "value_output": ("attention.self.value", "output", 0),
         "mlp_input": ("intermediate", "input", 0),
-        "mlp_activation": ("intermediate", "output", 0),
+        "mlp_activation": ("output.dense", "input", 0),
         "mlp_output": ("output.dense", "output", 0),
     }
 )

@@ -1,53 +1,65 @@
 """The engine: `IntervenableModel` binds interventions to sites and runs them.
 
 Design decisions:
-- **Hooks are installed once**, when the model is built: one forward (pre-)hook per hooked module, plus one
-  pre-hook on the top model that tracks generation steps. `remove()` (or leaving a `with` block) removes exactly
-  those handles; hooks that anyone else registered are never touched. Between calls a hook costs one attribute
-  read and returns, so the wrapped model behaves as the plain model when called directly.
-- **Per-call state** (resolved positions, source vectors, routing masks, collected tensors) lives in a `_Call`
-  object set for the duration of a call, never in module-level globals. It is kept after the call while autograd
-  may still recompute the forward (gradient checkpointing), so recomputed forwards are intervened identically.
-- **Gather and scatter** are one `gather` and one out-of-place `scatter` per binding on the activation's device;
-  positions are `[batch, K]` index tensors (see `positions.py`), never Python lists. Out of place keeps autograd
-  correct and never mutates tensors that the model or the caller still holds.
+- **Hooks are installed once**, when the object is built: one forward (pre-)hook per hooked module. `remove()`
+  (or leaving a `with` block) removes exactly those handles; hooks that anyone else registered are never
+  touched. Between calls a hook costs one attribute read and returns, so the model behaves as the plain model
+  when it is called directly. The one exception is `generate()`: for its duration a pre-hook on the decoder
+  (the module that owns the block list) tracks the steps; plain forwards never pay for it.
+- **Per-call state** (resolved positions, source vectors, routing masks, collected tensors) lives in a `CallState`
+  object (calls.py) set for the duration of a call, never in module-level globals. After a call with gradients
+  it is kept while autograd may recompute the forward (gradient checkpointing), so recomputed forwards are
+  intervened identically and collect nothing twice. A plain forward whose checkpointed layers are recomputed in
+  the same backward as an intervened one cannot be told apart from it; run such forwards without gradients.
+- **Gather and scatter** are one gather and one out-of-place scatter per binding on the activation's device
+  (`index_select` / `index_copy` when every row selects the same positions). Positions are `[batch, K]` index
+  tensors (see `positions.py`), never Python lists. Out of place keeps autograd correct and never mutates
+  tensors that the model or the caller still holds. The hooks check shapes only: they never read a value back
+  from the device.
+- **Work is done before the forward, once**: positions are resolved once per call and distinct selector (for
+  unpadded batches once per batch shape, across calls); parametrized weights (orthogonal rotations) once per
+  forward, and without gradients once for as long as their parameters are unchanged (see `calls.py`).
 - **Sources -> base**: source inputs are run first (without grad), the vectors at each binding's source site and
-  positions are gathered, and the run stops as soon as the last needed site was seen. Precomputed vectors can be
-  passed instead (`source_representations`). Several sources, grouping, cross-site patching and weight tying
-  (one intervention object in several bindings) all follow from `Binding` fields.
+  positions are gathered, and the run stops as soon as the last needed vector was seen. Precomputed vectors can
+  be passed instead (`source_representations`). Several sources, grouping, cross-site patching and weight tying
+  (one intervention object in several bindings) all follow from `Binding` fields. `serial=True` chains the
+  sources: bindings reading source s are applied to the run of source s + 1, the last ones to the base.
 - **Per-example routing**: `active` masks say which examples each binding applies to, so one batch can mix
-  adapters (or none) per example.
+  adapters (or none) per example; inactive rows are written back unchanged, bit for bit.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import InterventionError, PositionError, ReftkitError, SourceError
+from .calls import (CallArguments, CallState, Now, ParametrizationReuse, StopForward, generation_step, region_of,
+                    row_mask, start_generation, unique_name)
+from .errors import InterventionError, PositionError, ReftkitError, SiteError, SourceError
 from .interventions.base import Intervention
-from .positions import Located, Positions
-from .sites import ResolvedSite, Site, resolve_site
+from .positions import Positions
+from .sites import ResolvedSite, Site, decoder_root, resolve_site
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Binding:
-    """One intervention at one site. `positions` default to the call's (or every real token); `source` names
-    which source input feeds it (for interchange types), `source_site` allows cross-site patching."""
+    """One intervention at one site. `positions` apply when a call passes none for this binding (and the
+    model's `default_positions` when neither does); `source` names which source input feeds it (interchange
+    types); `source_site` / `source_positions` read the source somewhere else than where the base is written."""
 
-    site: "Site | str"
+    site: "Site | str | dict"
     intervention: Intervention
     name: str | None = None
     positions: "Positions | str | None" = None
     source: int = 0
-    source_site: "Site | str | None" = None
+    source_site: "Site | str | dict | None" = None
     source_positions: "Positions | str | None" = None
 
 
@@ -55,27 +67,6 @@ class Binding:
 class RunResult:
     output: object
     collected: dict = field(default_factory=dict)
-
-
-class _StopForward(Exception):
-    """Raised inside a source run once every needed vector was gathered."""
-
-
-@dataclass
-class _Call:
-    phase: str  # "base" | "source"
-    locs: dict  # binding idx -> Located | None (None = not applied in this forward)
-    row_mask: dict  # binding idx -> [B] bool or None (all rows)
-    src_vals: dict  # binding idx -> [B, K, d]
-    subspaces: dict
-    collected: dict  # name -> list of tensors
-    batch: int
-    source_index: int | None = None
-    pending: set | None = None  # source phase: bindings still to gather
-    gen: dict | None = None  # generation state
-    scopes: dict = field(default_factory=dict)  # binding idx -> generation scope
-    checked: set = field(default_factory=set)
-    cache: dict = field(default_factory=dict)
 
 
 class IntervenableModel(nn.Module):
@@ -93,40 +84,43 @@ class IntervenableModel(nn.Module):
         self.source_resolved: list[ResolvedSite] = []
         unique: list[Intervention] = []
         self._iv_index: list[int] = []
-        names = set()
         for i, b in enumerate(bindings):
-            if not isinstance(b.intervention, Intervention):
-                raise InterventionError(f"binding {i}: intervention must be a reftkit Intervention, got {type(b.intervention).__name__}")
+            if not isinstance(b, Binding) or not isinstance(b.intervention, Intervention):
+                what = type(b.intervention if isinstance(b, Binding) else b).__name__
+                raise InterventionError(f"binding {i}: expected Binding(site, <reftkit Intervention>), got {what}")
             site = Site.parse(b.site)
             rs = resolve_site(model, site)
             ss = resolve_site(model, Site.parse(b.source_site)) if b.source_site is not None else rs
-            name = b.name or site.name
-            if name in names:
-                k = 1
-                while f"{name}#{k}" in names:
-                    k += 1
-                name = f"{name}#{k}"
-            names.add(name)
+            name = unique_name(b.name or site.name, {x.name for x in self.bindings})
             d = b.intervention.embed_dim
             if d is not None and d != rs.width:
                 raise InterventionError(
                     f"binding {name!r}: the intervention expects width {d} but site {site.name} has width {rs.width}"
                 )
+            if ss is not rs and ss.width != rs.width:
+                raise SiteError(f"binding {name!r}: source site {ss.site.name} has width {ss.width} but site "
+                                f"{site.name} has width {rs.width}; cross-site patching needs equal widths")
+            if not isinstance(b.source, int) or b.source < 0:
+                raise SourceError(f"binding {name!r}: source must be a source index >= 0, got {b.source!r}")
             pos = None if b.positions is None else Positions.parse(b.positions)
             spos = None if b.source_positions is None else Positions.parse(b.source_positions)
             self.bindings.append(Binding(site, b.intervention, name, pos, b.source, ss.site, spos))
             self.resolved.append(rs)
             self.source_resolved.append(ss)
-            for j, u in enumerate(unique):
-                if u is b.intervention:
-                    self._iv_index.append(j)
-                    break
-            else:
+            j = next((j for j, u in enumerate(unique) if u is b.intervention), None)
+            if j is None:
                 unique.append(b.intervention)
-                self._iv_index.append(len(unique) - 1)
+                j = len(unique) - 1
+            self._iv_index.append(j)
         self.interventions = nn.ModuleList(unique)
-        self._call: _Call | None = None
-        self._last_call: _Call | None = None
+        self.interventions.train(model.training)  # dropout in an edit follows the model's mode until told otherwise
+        self._first_param = [next(iter(iv.parameters()), None) for iv in unique]  # its device is checked per call
+        self._checked: dict = {}
+        self._now = Now(model)
+        self._args = CallArguments(self.bindings, self.default_positions)
+        self._reuse = ParametrizationReuse(unique)
+        self._ckpt_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        self._decoder = decoder_root(model)
         self._handles: list = []
         self._install()
 
@@ -143,14 +137,17 @@ class IntervenableModel(nn.Module):
             else:
                 h = rs.module.register_forward_pre_hook(self._make_input_hook(rs, base_ids, src_ids), with_kwargs=True)
             self._handles.append(h)
-        self._handles.append(self.model.register_forward_pre_hook(self._step_hook, with_kwargs=True))
+
+    @property
+    def hook_handles(self) -> list:
+        return list(self._handles)
 
     def remove(self) -> None:
         """Remove exactly the hooks this object installed; the model is then untouched."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._call = self._last_call = None
+        self._now.call = self._now.last = None
 
     def __enter__(self):
         return self
@@ -158,277 +155,298 @@ class IntervenableModel(nn.Module):
     def __exit__(self, *exc):
         self.remove()
 
-    def _current(self) -> _Call | None:
-        if self._call is not None:
-            return self._call
+    def _current(self) -> CallState | None:
+        now = self._now
+        if now.call is not None:
+            return now.call
         # autograd recomputing a checkpointed forward after the call returned
-        if self._last_call is not None and torch._C._current_graph_task_id() != -1:
-            return self._last_call
+        if now.last is not None and torch._C._current_graph_task_id() != -1:
+            return now.last
         return None
 
     def _make_output_hook(self, rs: ResolvedSite, base_ids, src_ids):
+        now, index, apply = self._now, rs.index, self._apply
+        wants_input = any(self.bindings[i].intervention.source == "module_input" for i in base_ids)
+
         def hook(module, args, kwargs, output):
-            call = self._current()
+            call = now.call
             if call is None:
-                return None
+                call = self._current()
+                if call is None:
+                    return None
             is_tuple = isinstance(output, tuple)
-            tensor = output[rs.index] if is_tuple else output
-            module_input = _find_tensor(args, kwargs, 0)
-            new = self._apply(call, rs, base_ids, src_ids, tensor, module_input)
+            tensor = output[index] if is_tuple else output
+            if not isinstance(tensor, torch.Tensor):
+                raise SiteError(f"{rs.site.name}: module {rs.path} returns {type(output).__name__}; hook a module "
+                                "whose output is a tensor or a tuple of tensors")
+            module_input = None
+            if wants_input:
+                module_input = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
+            new = apply(call, rs, base_ids, src_ids, tensor, module_input)
             if new is tensor:
                 return None
-            if is_tuple:
-                return output[: rs.index] + (new,) + output[rs.index + 1:]
-            return new
+            return output[:index] + (new,) + output[index + 1:] if is_tuple else new
 
         return hook
 
     def _make_input_hook(self, rs: ResolvedSite, base_ids, src_ids):
+        now = self._now
+
         def hook(module, args, kwargs):
-            call = self._current()
+            call = now.call
             if call is None:
-                return None
+                call = self._current()
+                if call is None:
+                    return None
+            key = None
             if len(args) > rs.index:
                 tensor = args[rs.index]
             else:
                 key = "hidden_states" if "hidden_states" in kwargs else next(
                     (k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
                 if key is None:
-                    raise InterventionError(f"cannot find the input tensor of {rs.path}")
+                    raise SiteError(f"{rs.site.name}: cannot find the input tensor of module {rs.path}")
                 tensor = kwargs[key]
             new = self._apply(call, rs, base_ids, src_ids, tensor, None)
             if new is tensor:
                 return None
-            if len(args) > rs.index:
+            if key is None:
                 return args[: rs.index] + (new,) + args[rs.index + 1:], kwargs
             return args, {**kwargs, key: new}
 
         return hook
 
     def _step_hook(self, module, args, kwargs):
-        call = self._current()
+        call = self._now.call
         if call is None or call.gen is None:
             return None
-        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = kwargs.get("input_ids")
         if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        cache_pos = kwargs.get("cache_position")
-        if cache_pos is not None and cache_pos.numel():
-            past = int(cache_pos[0])
-        else:
-            pkv = kwargs.get("past_key_values")
-            past = int(pkv.get_seq_length()) if pkv is not None and hasattr(pkv, "get_seq_length") else 0
-        B, T = ids.shape[0], ids.shape[1]
-        g = call.gen
-        factor = B // g["batch"]
-        call.batch = B
-        for i, (loc, scope) in g["prompt_locs"].items():
-            parts = []
-            if scope in ("prompt", "all") and past == 0 and loc is not None:
-                parts.append(loc.expand_batch(factor))
-            start = max(g["prompt_len"] - past, 0)
-            if scope in ("generated", "all") and start < T:
-                idx = torch.arange(start, T, device=ids.device).expand(B, -1)
-                parts.append(Located(idx, torch.ones_like(idx, dtype=torch.bool), torch.ones(B, dtype=torch.bool, device=ids.device), None))
-            call.locs[i] = None if not parts else parts[0] if len(parts) == 1 else _cat_located(parts)
-            rm = g["row_mask"].get(i)
-            call.row_mask[i] = None if rm is None else rm.repeat_interleave(factor)
-        call.cache.clear()
+            ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("inputs_embeds")
+        cache = kwargs.get("past_key_values")  # transformers caches report their length from tensor shapes
+        generation_step(call, ids, int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else None)
         return None
 
     # ---- gather / intervene / scatter ---------------------------------------------------------------------
-    def _apply(self, call: _Call, rs: ResolvedSite, base_ids, src_ids, tensor, module_input):
+    def _apply(self, call: CallState, rs: ResolvedSite, base_ids, src_ids, tensor, module_input):
         shape = tensor.shape
-        if rs.flat_tokens:
+        if rs.flat_tokens:  # [batch * seq, d] -> [batch, seq, d]
+            if tensor.dim() != 2 or shape[0] % call.batch:
+                raise SiteError(f"{rs.site.name}: expected flat token vectors [batch*seq, d], got {tuple(shape)}")
             tensor = tensor.reshape(call.batch, -1, shape[-1])
             if module_input is not None:
                 module_input = module_input.reshape(call.batch, -1, module_input.shape[-1])
-        if call.phase == "source":
+        elif tensor.dim() != 3:
+            raise SiteError(f"{rs.site.name}: expected activations [batch, seq, d] at {rs.path}, got {tuple(shape)}")
+        out = tensor  # every binding in the group hooks this module; each addresses its own part of it
+        locs = call.locs
+        if call.phase == "base":
+            resolved, edit = self.resolved, self._edit
+            for i in base_ids:
+                if locs.get(i) is not None:
+                    out = edit(call, i, resolved[i], out, module_input)
+        else:
+            for i in base_ids:
+                if i in call.apply and locs.get(i) is not None:
+                    out = self._edit(call, i, self.resolved[i], out, module_input)
             for i in src_ids:
-                if i in call.pending and self.bindings[i].source == call.source_index:
-                    loc = call.locs[i]
-                    call.src_vals[i] = self._gather(call, i, rs, tensor, loc)[0]
+                if i in call.pending:
+                    call.src_vals[i] = self._gather(call, i, self.source_resolved[i], out)[0]
                     call.pending.discard(i)
             if not call.pending:
-                raise _StopForward
-            return tensor.reshape(shape) if rs.flat_tokens else tensor
-        out = tensor
-        for i in base_ids:
-            loc = call.locs.get(i)
-            if loc is None:
-                continue
-            b = self.bindings[i]
-            iv = b.intervention
-            sel, full, idx3 = self._gather(call, i, rs, out, loc)
-            if iv.collects:
-                call.collected.setdefault(b.name, []).append(sel)
-                continue
-            src = call.src_vals.get(i)
-            if iv.source == "module_input":
-                if module_input is None or module_input.shape != out.shape:
-                    raise InterventionError(f"{iv.type_name} at {b.name}: the module's input and output differ in shape")
-                src = self._gather(call, i, rs, module_input, loc)[0]
-            if i not in call.checked:
-                if iv.source == "required" and src is None:
-                    raise SourceError(f"{iv.type_name} at {b.name} needs a source: pass sources=[...] or source_representations")
-                iv.check_input(sel, src, b.name)
-                call.checked.add(i)
-            try:
-                new = iv(sel, src, call.subspaces.get(i)) if call.subspaces.get(i) is not None else iv(sel, src)
-            except RuntimeError as e:
-                raise InterventionError(f"{iv.type_name} at {b.name} failed on vectors {tuple(sel.shape)}: {e}") from e
-            if new.dtype != sel.dtype:
-                new = new.to(sel.dtype)
-            if loc.canon is not None:
-                new = new.gather(1, loc.canon.unsqueeze(-1).expand(-1, -1, new.shape[-1]))
-            rm = call.row_mask.get(i)
-            if rm is not None:
-                new = torch.where(rm[:, None, None], new, sel)
-            if rs.dims is not None:
-                new = torch.cat([full[..., : rs.dims.start], new, full[..., rs.dims.stop:]], dim=-1)
-            out = out.scatter(1, idx3, new)
+                raise StopForward
         if out is tensor:
             return tensor.reshape(shape) if rs.flat_tokens else tensor
         return out.reshape(shape) if rs.flat_tokens else out
 
-    def _gather(self, call: _Call, i: int, rs: ResolvedSite, tensor, loc: Located):
-        key = (i, tensor.shape[-1], tensor.shape[0])
-        idx3 = call.cache.get(key)
-        if idx3 is None:
-            index = loc.index
-            if index.shape[0] != tensor.shape[0]:
+    def _edit(self, call: CallState, i: int, rs: ResolvedSite, out, module_input):
+        b = self.bindings[i]
+        iv = b.intervention
+        sel, full, where = self._gather(call, i, rs, out)
+        if iv.collects:
+            if not call.done:
+                call.collected.setdefault(b.name, []).append(sel)
+            return out
+        src = call.src_vals.get(i) if call.src_vals else None
+        if iv.source == "module_input":
+            if module_input is None or module_input.shape != out.shape:
+                raise InterventionError(f"{iv.type_name} at {b.name}: the module's input and output differ in shape, "
+                                        "so the module cannot be skipped there")
+            src = self._gather(call, i, rs, module_input)[0]
+        if iv.source == "required" and src is None:
+            raise SourceError(f"{iv.type_name} at {b.name} needs a source: pass sources=[...] (source {b.source}) "
+                              "or source_representations={name: [batch, K, d]}")
+        if src is not None:
+            if src.shape != sel.shape:
+                raise InterventionError(f"{iv.type_name} at {b.name}: source vectors {tuple(src.shape)} do not match "
+                                        f"the base vectors {tuple(sel.shape)} [batch, positions, width]")
+            if src.device != sel.device:
+                src = src.to(sel.device)
+        if i not in call.checked:  # the intervention's own checks, repeated only when what they read changes
+            first = self._first_param[self._iv_index[i]]
+            signature = (sel.shape[-1], sel.dtype, sel.device, src is None, None if first is None else first.device)
+            if self._checked.get(i) != signature:
+                iv.check_input(sel, src, b.name)
+                self._checked[i] = signature
+            call.checked.add(i)
+        sub = call.subspaces.get(i) if call.subspaces else None
+        try:
+            new = iv(sel, src) if sub is None else iv(sel, src, sub)
+        except RuntimeError as e:
+            raise InterventionError(f"{iv.type_name} at {b.name} failed on vectors {tuple(sel.shape)} "
+                                    f"({sel.dtype}, {sel.device}): {e}") from e
+        if not isinstance(new, torch.Tensor) or new.shape != sel.shape:
+            raise InterventionError(f"{iv.type_name} at {b.name} returned {tuple(getattr(new, 'shape', ()))}; "
+                                    f"expected {tuple(sel.shape)}")
+        if new.dtype != sel.dtype:
+            new = new.to(sel.dtype)
+        loc = call.locs[i]
+        if loc.canon is not None:
+            new = new.gather(1, loc.canon.unsqueeze(-1).expand(-1, -1, new.shape[-1]))
+        rm = call.row_mask.get(i) if call.row_mask else None
+        if rm is not None:
+            new = torch.where(rm[:, None, None], new, sel)
+        if rs.dims is not None:
+            if isinstance(rs.dims, slice):
+                new = torch.cat([full[..., : rs.dims.start], new, full[..., rs.dims.stop:]], dim=-1)
+            else:
+                new = full.index_copy(-1, self._dims_on(rs, full.device), new)
+        return out.index_copy(1, where, new) if where.dim() == 1 else out.scatter(1, where, new)
+
+    def _gather(self, call: CallState, i: int, rs: ResolvedSite, tensor):
+        """-> (selected vectors, full-width vectors, where to write back). Rows that all select the same distinct
+        positions use `index_select` / `index_copy`; otherwise one `gather` / `scatter` with a [B, K, d] index."""
+        key = i  # one site per binding and forward: the width is fixed
+        where = call.cache.get(key)
+        if where is None:
+            loc = call.locs[i]
+            if loc.index.shape[0] != tensor.shape[0] or tensor.shape[1] != call.seq_len:
                 raise PositionError(
-                    f"{self.bindings[i].name}: positions are for batch {index.shape[0]} but the activations have "
-                    f"batch {tensor.shape[0]}"
+                    f"{self.bindings[i].name}: positions were resolved for [batch={loc.index.shape[0]}, "
+                    f"seq={call.seq_len}] but the activations at {rs.site.name} are {tuple(tensor.shape)}"
                 )
-            if index.device != tensor.device:
-                index = index.to(tensor.device)
-            idx3 = index.unsqueeze(-1).expand(-1, -1, tensor.shape[-1])
-            call.cache[key] = idx3
-        full = tensor.gather(1, idx3)
-        sel = full if rs.dims is None else full[..., rs.dims]
-        return sel, full, idx3
-
-    # ---- calls ------------------------------------------------------------------------------------------
-    def _binding_ids(self, names) -> list[int]:
-        by_name = {b.name: i for i, b in enumerate(self.bindings)}
-        out = []
-        for n in names:
-            if n not in by_name:
-                raise ReftkitError(f"no binding named {n!r}; bindings are {list(by_name)}")
-            out.append(by_name[n])
-        return out
-
-    def _per_binding(self, value, what: str) -> dict:
-        """Normalise a per-call argument given once for all bindings or as {name: value}."""
-        if value is None:
-            return {}
-        if isinstance(value, dict):
-            return dict(zip(self._binding_ids(value), value.values()))
-        return {i: value for i in range(len(self.bindings))}
-
-    def _resolve_locs(self, positions, region: torch.Tensor, source: bool = False) -> dict:
-        given = self._per_binding(positions, "positions")
-        locs, seen = {}, {}
-        for i, b in enumerate(self.bindings):
-            spec = given.get(i)
-            if spec is None:
-                spec = (b.source_positions if source else None) or b.positions or self.default_positions
-            key = id(spec)
-            if key not in seen:  # one resolution per distinct selector and call
-                p = Positions.parse(spec)
-                seen[key] = (p.resolve(region), p.scope, spec)
-            locs[i] = seen[key][:2]
-        return locs
-
-    def _row_masks(self, active, locs, batch: int, device) -> dict:
-        act = {}
-        if isinstance(active, torch.Tensor):
-            if active.dim() != 2 or active.shape != (batch, len(self.bindings)):
-                raise ReftkitError(f"active must be a bool tensor [batch={batch}, bindings={len(self.bindings)}]")
-            act = {i: active[:, i] for i in range(len(self.bindings))}
-        elif active is not None:
-            act = self._per_binding(active, "active")
-        masks = {}
-        for i, (loc, _) in locs.items():
-            m = loc.row_valid
-            if i in act:
-                a = torch.as_tensor(act[i], dtype=torch.bool, device=m.device)
-                if a.shape != (batch,):
-                    raise ReftkitError(f"active mask for {self.bindings[i].name} must have shape [{batch}]")
-                m = m & a
-            masks[i] = None if bool(m.all()) else m.to(device)
-        return masks
+            if loc.shared is not None:
+                where = loc.shared if loc.shared.device == tensor.device else loc.shared.to(tensor.device)
+            else:
+                index = loc.index if loc.index.device == tensor.device else loc.index.to(tensor.device)
+                where = index.unsqueeze(-1).expand(-1, -1, tensor.shape[-1])
+            call.cache[key] = where
+        full = tensor.index_select(1, where) if where.dim() == 1 else tensor.gather(1, where)
+        if rs.dims is None:
+            return full, full, where
+        if isinstance(rs.dims, slice):
+            return full[..., rs.dims], full, where
+        return full.index_select(-1, self._dims_on(rs, full.device)), full, where
 
     @staticmethod
-    def _region(inputs: dict, region_mask) -> torch.Tensor:
-        ref = inputs.get("input_ids")
-        if ref is None:
-            ref = inputs.get("inputs_embeds")
-        if ref is None:
-            raise ReftkitError("inputs need input_ids or inputs_embeds")
-        if region_mask is not None:
-            return region_mask.bool()
-        am = inputs.get("attention_mask")
-        return am.bool() if am is not None else torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device)
+    def _dims_on(rs: ResolvedSite, device) -> torch.Tensor:
+        if rs.dims.device != device:
+            rs.dims = rs.dims.to(device)
+        return rs.dims
 
     def _prepare(self, inputs, positions, sources, source_positions, source_representations, active, subspaces,
-                 region_mask) -> _Call:
-        region = self._region(inputs, region_mask)
+                 region_mask, serial=False) -> tuple[CallState, dict]:
+        region, unpadded = region_of(inputs, region_mask)
         batch = region.shape[0]
-        locs = self._resolve_locs(positions, region)
-        call = _Call("base", {i: l for i, (l, _) in locs.items()}, self._row_masks(active, locs, batch, region.device),
-                     {}, self._per_binding(subspaces, "subspaces"), {}, batch)
-        call.src_vals.update(self._per_binding(source_representations, "source_representations"))
+        locs, scopes = self._args.locations(positions, region, unpadded)
+        call = CallState("base", locs, self._args.active(active, batch, region.device), {},
+                         self._args.per_binding(subspaces), batch, region.shape[1])
+        given = self._args.per_binding(source_representations, SourceError, listed=torch.Tensor)
+        for i, v in given.items():
+            if not isinstance(v, torch.Tensor):
+                raise SourceError(f"source_representations for {self.bindings[i].name} must be a tensor "
+                                  f"[batch, K, d], got {type(v).__name__}")
+            if self._needs_source(i):
+                call.src_vals[i] = v
+            elif isinstance(source_representations, dict):
+                iv = self.bindings[i].intervention
+                raise SourceError(f"{iv.type_name} at {self.bindings[i].name} takes no source, but "
+                                  "source_representations were given for it")
         if sources is not None:
-            self._run_sources(call, sources, source_positions, batch)
-        call.scopes = {i: scope for i, (_, scope) in locs.items()}
-        return call
+            self._run_sources(call, [sources] if isinstance(sources, dict) else list(sources), positions,
+                              source_positions, batch, serial)
+        masks = ((i, row_mask(loc, call.active.get(i))) for i, loc in locs.items() if loc is not None)
+        call.row_mask = {i: m for i, m in masks if m is not None}  # empty when every row takes every edit
+        return call, scopes
 
-    def _run_sources(self, call: _Call, sources, source_positions, batch: int) -> None:
-        if isinstance(sources, dict):
-            sources = [sources]
-        needs = {}
+    def _needs_source(self, i: int) -> bool:
+        return self.bindings[i].intervention.source in ("required", "optional")
+
+    def _run_sources(self, call: CallState, sources: list, positions, source_positions, batch: int,
+                     serial: bool) -> None:
+        needs: dict = {}
         for i, b in enumerate(self.bindings):
-            if b.intervention.source in ("required", "optional") and i not in call.src_vals:
+            if self._needs_source(i) and i not in call.src_vals:
                 needs.setdefault(b.source, []).append(i)
         for s, ids in needs.items():
             if s >= len(sources) or sources[s] is None:
-                if any(self.bindings[i].intervention.source == "required" for i in ids):
-                    raise SourceError(f"bindings {[self.bindings[i].name for i in ids]} read source {s}, but only "
-                                      f"{len(sources)} source input(s) were given")
-                continue
+                required = [self.bindings[i].name for i in ids if self.bindings[i].intervention.source == "required"]
+                if required:
+                    raise SourceError(f"bindings {required} read source {s}, but only {len(sources)} source "
+                                      "input(s) were given")
+        given = [s for s in sorted(needs) if s < len(sources) and sources[s] is not None]
+        stages = range(len(sources)) if serial else given
+        for s in stages:
             src = sources[s]
-            sregion = self._region(src, None)
+            gather = needs.get(s, [])
+            apply = [i for i in range(len(self.bindings)) if serial and self._needs_source(i)
+                     and self.bindings[i].source == s - 1 and i in call.src_vals]
+            if src is None or not gather:
+                continue
+            sregion, sunpadded = region_of(src, None)
             if sregion.shape[0] != batch:
                 raise SourceError(f"source {s} has batch {sregion.shape[0]} but the base has batch {batch}")
-            slocs = self._resolve_locs(source_positions, sregion, source=True)
-            scall = _Call("source", {i: l for i, (l, _) in slocs.items()}, {}, call.src_vals, {}, {}, batch,
-                          source_index=s, pending=set(ids))
-            self._call = scall
+            slocs, _ = self._args.locations(positions, sregion, sunpadded, source_positions, source=True)
+            if apply:
+                blocs, _ = self._args.locations(positions, sregion, sunpadded)
+                slocs.update({i: blocs[i] for i in apply})
+            scall = CallState("source", slocs, {}, call.src_vals, {}, batch, sregion.shape[1], source_index=s,
+                              pending=set(gather), apply=set(apply))
+            scall.row_mask = {i: m for i in apply if (m := row_mask(slocs[i], None)) is not None}
+            self._now.call = scall
             try:
                 with torch.no_grad():
                     self.model(**src)
-            except _StopForward:
+            except StopForward:
                 pass
             finally:
-                self._call = None
+                self._now.call = None
             if scall.pending:
-                raise SourceError(f"source run {s} never reached the sites of {[self.bindings[i].name for i in scall.pending]}")
+                raise SourceError(f"source run {s} never reached the source sites of "
+                                  f"{[self.bindings[i].name for i in scall.pending]}")
+        if serial:  # only the bindings reading the last source reach the base
+            for i, b in enumerate(self.bindings):
+                if self._needs_source(i) and b.source != len(sources) - 1:
+                    call.locs[i] = None
 
+    def _param_cache(self):
+        """Parametrizations (orthogonal factors) are computed once per forward, except under gradient
+        checkpointing, where a value cached inside a checkpointed region could lose its gradient."""
+        if self._now.model.training and any(m.gradient_checkpointing for m in self._ckpt_modules):
+            return nullcontext()
+        return parametrize.cached()
+
+    # ---- calls ------------------------------------------------------------------------------------------
     def run(self, inputs: dict | None = None, *, positions=None, sources=None, source_positions=None,
-            source_representations=None, active=None, subspaces=None, region_mask=None, **model_kwargs) -> RunResult:
+            source_representations=None, active=None, subspaces=None, region_mask=None, serial: bool = False,
+            **model_kwargs) -> RunResult:
         """Run the base model with interventions. Returns the model output and the collected vectors."""
         inputs = {**(inputs or {}), **model_kwargs}
-        call = self._prepare(inputs, positions, sources, source_positions, source_representations, active,
-                             subspaces, region_mask)
-        self._call = call
+        call, _ = self._prepare(inputs, positions, sources, source_positions, source_representations, active,
+                                subspaces, region_mask, serial)
+        self._now.call = call
+        reuse = not torch.is_grad_enabled()
         try:
-            with parametrize.cached():  # orthogonal factors are computed once per forward
-                out = self.model(**inputs)
+            with self._param_cache():
+                if reuse:
+                    self._reuse.restore()
+                out = self._now.model(**inputs)
+                if reuse:
+                    self._reuse.keep()
         finally:
-            self._call = None
-            self._last_call = call if torch.is_grad_enabled() else None
+            self._now.call = None
+            call.done = True
+            self._now.last = call if torch.is_grad_enabled() else None
         return RunResult(out, {k: (v[0] if len(v) == 1 else torch.cat(v, 1)) for k, v in call.collected.items()})
 
     def forward(self, *args, **kwargs):
@@ -447,50 +465,52 @@ class IntervenableModel(nn.Module):
         inputs = {"input_ids": input_ids}
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask
-        call = self._prepare(inputs, positions, sources, source_positions, source_representations, active,
-                             subspaces, None)
-        call.gen = {"batch": call.batch, "prompt_len": input_ids.shape[1],
-                    "prompt_locs": {i: (call.locs[i], call.scopes[i]) for i in call.locs},
-                    "row_mask": dict(call.row_mask)}
-        self._call = call
+        call, scopes = self._prepare(inputs, positions, sources, source_positions, source_representations, active,
+                                     subspaces, None)
+        start_generation(call, scopes, input_ids.shape[1])
+        step_handle = self._decoder.register_forward_pre_hook(self._step_hook, with_kwargs=True)
+        self._now.call = call
         try:
             with parametrize.cached():
+                self._reuse.restore()
                 out = self.model.generate(**inputs, **generate_kwargs)
+                self._reuse.keep()
         finally:
-            self._call = None
+            step_handle.remove()
+            self._now.call = None
+            call.done = True
         if return_collected:
-            return out, {k: v for k, v in call.collected.items()}
+            return out, dict(call.collected)
         return out
 
     @contextmanager
     def disabled(self):
         """Inside this block the hooks pass everything through (e.g. a DPO reference forward)."""
-        saved, self._call = self._call, None
-        saved_last, self._last_call = self._last_call, None
+        now = self._now
+        saved, saved_last = now.call, now.last
+        now.call = now.last = None
         try:
             yield self.model
         finally:
-            self._call, self._last_call = saved, saved_last
+            now.call, now.last = saved, saved_last
+
+    def refresh(self) -> None:
+        """Forget parametrized weights carried over between calls (needed only after writes through `.data`)."""
+        self._reuse.clear()
 
     def binding_names(self) -> list[str]:
         return [b.name for b in self.bindings]
 
+    # ---- save / load (see io.py) --------------------------------------------------------------------------
+    def save(self, directory) -> None:
+        """Write `config.json` and `interventions.safetensors` to `directory` (atomically)."""
+        from .io import save_intervenable
 
-def _find_tensor(args, kwargs, index):
-    if len(args) > index and isinstance(args[index], torch.Tensor):
-        return args[index]
-    v = kwargs.get("hidden_states")
-    return v if isinstance(v, torch.Tensor) else None
+        save_intervenable(self, directory)
 
+    @classmethod
+    def load(cls, model: nn.Module, directory) -> "IntervenableModel":
+        """Rebuild saved bindings and interventions on `model` (which must match the saved fingerprint)."""
+        from .io import load_intervenable
 
-def _cat_located(parts: list[Located]) -> Located:
-    index = torch.cat([p.index for p in parts], 1)
-    valid = torch.cat([p.valid for p in parts], 1)
-    row_valid = torch.stack([p.row_valid for p in parts]).any(0)
-    canons, off = [], 0
-    for p in parts:
-        k = p.index.shape[1]
-        canons.append(p.canon + off if p.canon is not None else torch.arange(off, off + k, device=index.device).expand(index.shape[0], -1))
-        off += k
-    canon = torch.cat(canons, 1) if any(p.canon is not None for p in parts) else None
-    return Located(index, valid, row_valid, canon)
+        return load_intervenable(model, directory)

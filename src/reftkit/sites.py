@@ -4,8 +4,18 @@ A `Site` is data (layer + canonical component, optionally a head; or a raw modul
 and round-trips through a short string (`"L3.block_output"`, `"L2.H1.head_query_output"`,
 `"module:model.layers.3.mlp.down_proj:input"`). `resolve_site(model, site)` turns it into a `ResolvedSite`:
 the module to hook, which side (input or output), which tuple element carries the tensor, and which slice of the
-last dimension is addressed (fused QKV projections and attention heads are slices of a wider tensor). The
-architecture knowledge lives in `archs.py`; this module only walks the model.
+last dimension is addressed (fused QKV projections and attention heads are slices of a wider tensor; the query,
+key or value of GPT-NeoX's per-head fused projection is an index set). The architecture knowledge lives in
+`archs.py`; this module only walks the model.
+
+Decisions:
+- Head components count key/value heads for keys and values (grouped-query attention: `num_key_value_heads`).
+- Widths come from the hooked module (`in_features`/`out_features`, also on PEFT and quantised wrappers), so a
+  mismatched intervention is caught when it is bound, not in the forward.
+- MoE sites see flat token tensors `[batch * seq, d]`, which the engine views as `[batch, seq, d]`.
+  `moe_router` is what the block routes with: the routing weights of the chosen experts for a top-k router
+  (its output element 1, width = experts per token), the logits for a plain linear gate; editing a top-k
+  router's logits would change nothing downstream. `moe_experts_output` is the experts' combined output.
 """
 
 from __future__ import annotations
@@ -52,7 +62,17 @@ class Site:
         if isinstance(text, Site):
             return text
         if isinstance(text, dict):
+            fields = {"layer", "component", "head", "module", "side"}
+            unknown = set(text) - fields
+            if unknown:
+                raise SiteError(f"unknown site fields {sorted(unknown)}; expected some of {sorted(fields)}")
+            for key in ("layer", "head"):
+                value = text.get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                    raise SiteError(f"site field {key!r} must be an integer, got {value!r}")
             return cls(**text)
+        if not isinstance(text, str):
+            raise SiteError(f"cannot use {type(text).__name__} as a site; expected a string like 'L3.block_output'")
         if text == "embedding":
             return cls(component="embedding")
         if text.startswith("module:"):
@@ -68,7 +88,8 @@ class Site:
                 "'embedding' or 'module:<path>:<input|output>'"
             )
         head = m.group("head")
-        return cls(layer=int(m.group("layer")), component=m.group("component"), head=None if head is None else int(head))
+        return cls(layer=int(m.group("layer")), component=m.group("component"),
+                   head=None if head is None else int(head))
 
     @property
     def name(self) -> str:
@@ -90,7 +111,7 @@ class ResolvedSite:
     path: str
     side: str  # "input" | "output"
     index: int  # tuple element (output) or positional argument (input) that carries the tensor
-    dims: slice | None  # part of the last dimension addressed, None = all
+    dims: "slice | torch.Tensor | None"  # part of the last dimension addressed: a slice, an index tensor, None = all
     width: int  # size of the addressed vectors
     flat_tokens: bool = False  # the tensor is [batch * seq, width] (MoE routers) rather than [batch, seq, width]
 
@@ -103,6 +124,7 @@ class ModelDims:
     n_kv_heads: int
     head_dim: int
     model_type: str | None
+    experts_per_token: int | None = None
 
 
 def model_dims(model: nn.Module) -> ModelDims:
@@ -124,7 +146,8 @@ def model_dims(model: nn.Module) -> ModelDims:
     kv = first("num_key_value_heads", default=heads)
     head_dim = first("head_dim", default=hidden // heads if hidden else None)
     layers = first("num_hidden_layers", "n_layer", "num_layers")
-    return ModelDims(layers, hidden, heads, kv, head_dim, getattr(cfg, "model_type", None))
+    top_k = first("num_experts_per_tok", "moe_top_k")
+    return ModelDims(layers, hidden, heads, kv, head_dim, getattr(cfg, "model_type", None), top_k)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -143,7 +166,10 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def _get(root: nn.Module, rel: str) -> nn.Module | None:
     mod = root
     for part in rel.split("."):
-        mod = getattr(mod, part, None) if not part.isdigit() else (mod[int(part)] if isinstance(mod, nn.ModuleList) else None)
+        if part.isdigit():
+            mod = mod[int(part)] if isinstance(mod, nn.ModuleList) and int(part) < len(mod) else None
+        else:
+            mod = getattr(mod, part, None)
         if mod is None:
             return None
     return mod
@@ -159,11 +185,16 @@ def _first(block: nn.Module, candidates, under: str = "") -> tuple[str, nn.Modul
 
 
 def _width(mod: nn.Module, side: str, default: int) -> int:
-    if isinstance(mod, nn.Linear):
-        return mod.out_features if side == "output" else mod.in_features
-    w = getattr(mod, "weight", None)
-    if type(mod).__name__ == "Conv1D" and w is not None:  # GPT-2: weight is [in, out]
-        return w.shape[1] if side == "output" else w.shape[0]
+    """Width of a projection's output or input. Linear layers and their wrappers (PEFT LoRA, quantised linears)
+    expose `in_features` / `out_features`; GPT-2's Conv1D stores `weight [in, out]` and `nf` = out."""
+    if type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None:
+        return mod.weight.shape[1] if side == "output" else mod.weight.shape[0]
+    n = getattr(mod, "out_features" if side == "output" else "in_features", None)
+    if isinstance(n, int):
+        return n
+    base = getattr(mod, "base_layer", None)
+    if isinstance(base, nn.Module) and base is not mod:
+        return _width(base, side, default)
     return default
 
 
@@ -197,7 +228,8 @@ def resolve_site(model: nn.Module, site: "Site | str") -> ResolvedSite:
     found = _component(block, site, dims)
     if found is None:
         valid = [c for c in archs.CANONICAL_COMPONENTS if c != "embedding" and _component_exists(block, c, dims)]
-        raise SiteError(f"component {site.component!r} is not available on {type(block).__name__}; valid: {', '.join(valid)}")
+        raise SiteError(f"component {site.component!r} is not available on {type(block).__name__}; "
+                        f"valid: {', '.join(valid)}")
     rel, mod, side, index, sl, width, flat = found
     return ResolvedSite(site, mod, f"{base}.{rel}" if rel else base, side, index, sl, width, flat)
 
@@ -256,14 +288,23 @@ def _component(block: nn.Module, site: Site, dims: ModelDims):
         if not found:
             return None
         return found[0], found[1], "output", 0, None, _width(found[1], "output", dims.hidden), False
-    if comp in ("moe_router", "moe_experts_output"):
-        name = "gate" if comp == "moe_router" else "experts"
-        found = mlp and _first(block, (name, "router"), under=mlp[0])
-        if not found or (comp == "moe_experts_output" and not hasattr(mlp[1], "experts")):
+    if comp == "moe_experts_output":
+        found = mlp and _first(block, ("experts",), under=mlp[0])
+        if not found or isinstance(found[1], nn.ModuleList):  # a list of experts is called one by one, never as a whole
+            return None
+        return found[0], found[1], "output", 0, None, dims.hidden, True
+    if comp == "moe_router":
+        found = mlp and _first(block, ("gate", "router"), under=mlp[0])
+        if not found or not hasattr(mlp[1], "experts"):
             return None
         mod = found[1]
-        width = mod.weight.shape[0] if comp == "moe_router" and hasattr(mod, "weight") else dims.hidden
-        return found[0], mod, "output", 0, None, width, True
+        if isinstance(mod, nn.Linear):  # a plain gate returns the logits that the block routes with
+            return found[0], mod, "output", 0, None, mod.out_features, True
+        # a top-k router returns (logits, routing weights of the chosen experts, expert indices); the block
+        # routes with the weights, so the weights are what an intervention edits
+        if dims.experts_per_token is None:
+            return None
+        return found[0], mod, "output", 1, None, dims.experts_per_token, True
     return None
 
 
@@ -277,12 +318,10 @@ def _fused(block, comp, dims, fused: archs.FusedQKV, head):
         start = which * dims.hidden + (0 if head is None else head * hd)
         width = dims.hidden if head is None else hd
         return fused.path, mod, "output", 0, slice(start, start + width), width, False
-    # per_head layout: only a single head is a contiguous slice
+    # per_head layout: one head is a contiguous slice, all heads of q, k or v an index set
     if head is None:
-        raise SiteError(
-            f"{comp} of a per-head fused projection ({fused.path}) is not contiguous; address one head at a time "
-            f"with head_{comp} (head=0..{nh - 1}) or the raw module 'module:...{fused.path}:output'"
-        )
+        index = torch.cat([torch.arange(h * 3 * hd + which * hd, h * 3 * hd + (which + 1) * hd) for h in range(nh)])
+        return fused.path, mod, "output", 0, index, nh * hd, False
     start = head * 3 * hd + which * hd
     return fused.path, mod, "output", 0, slice(start, start + hd), hd, False
 
@@ -302,3 +341,12 @@ def _head(block, site: Site, dims: ModelDims):
     hd = width // n
     return rel, mod, side, index, slice(site.head * hd, (site.head + 1) * hd), hd, flat
 
+
+def decoder_root(model: nn.Module) -> nn.Module:
+    """The module that owns the block list (it sees every generation step's input ids and cache)."""
+    try:
+        path, _ = find_blocks(model)
+    except SiteError:
+        return model
+    parent = path.rpartition(".")[0]
+    return model.get_submodule(parent) if parent else model

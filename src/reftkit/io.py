@@ -1,0 +1,247 @@
+"""Saving and loading bound interventions: `config.json` (data) + `interventions.safetensors` (weights).
+
+Design decisions:
+- **Configs are data.** `config.json` holds a format version, the reftkit version that wrote it, a fingerprint
+  of the model (type, hidden size, layer count, head counts), every binding (name, site, intervention index,
+  positions, source, source site, source positions) and every distinct intervention's `spec()`. Interventions
+  are rebuilt through the registry of names (`build_intervention`); nothing is imported by a name read from a
+  file and nothing is unpickled.
+- **Weights are tensors only.** Each distinct intervention's `state_dict()` is stored under `"{index}.{key}"`.
+  An intervention bound several times (weight tying) is saved once and rebound to every binding. Tensors that
+  share memory (tied parameters inside one intervention) are stored as separate copies, which safetensors
+  requires; loading copies them back into the rebuilt module, whose own ties are structural. Parametrized
+  weights (orthogonal rotations) are saved as their state dict defines them, which reproduces outputs exactly.
+- **Writes are atomic** (`atomic.write_folder`): both files are written into a temporary folder beside the
+  target, which is then renamed into place; an existing save is replaced only once the new one is complete.
+- **Strict reading.** Unknown or missing fields and unknown format versions are `ConfigError`s; a model that does
+  not match the saved fingerprint is an `IncompatibleModelError` naming what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .atomic import write_folder
+from .errors import ConfigError, IncompatibleModelError, InterventionError, PositionError, SiteError
+from .interventions import build_intervention
+from .positions import Positions
+from .sites import Site, model_dims
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "interventions.safetensors"
+_TOP_FIELDS = {"format_version", "reftkit_version", "model", "default_positions", "bindings", "interventions"}
+_BINDING_FIELDS = {"name", "site", "intervention", "positions", "source", "source_site", "source_positions"}
+_FINGERPRINT_FIELDS = {"model_type", "hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads",
+                       "model_class"}
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """What a saved intervention set must match: type, hidden size, layer count and head counts (or the class
+    name for a model without a Hugging Face config)."""
+    if getattr(model, "config", None) is None:
+        return {"model_class": type(model).__name__}
+    dims = model_dims(model)
+    return {"model_type": dims.model_type, "hidden_size": dims.hidden, "num_layers": dims.n_layers,
+            "num_attention_heads": dims.n_heads, "num_key_value_heads": dims.n_kv_heads}
+
+
+def _positions_dict(value, what: str):
+    if value is None:
+        return None
+    try:
+        return Positions.parse(value).to_dict()
+    except PositionError as e:
+        raise ConfigError(f"{what}: {e}; bind string or span positions to save them, pass tensors per call") from e
+
+
+def build_config(im) -> dict:
+    from . import __version__
+
+    bindings = []
+    for i, b in enumerate(im.bindings):
+        bindings.append({
+            "name": b.name,
+            "site": Site.parse(b.site).to_dict(),
+            "intervention": im._iv_index[i],
+            "positions": _positions_dict(b.positions, f"binding {b.name!r} positions"),
+            "source": b.source,
+            "source_site": None if b.source_site == b.site else Site.parse(b.source_site).to_dict(),
+            "source_positions": _positions_dict(b.source_positions, f"binding {b.name!r} source_positions"),
+        })
+    specs = []
+    for k, iv in enumerate(im.interventions):
+        spec = iv.spec()  # raises ConfigError for types that are code rather than data (callable)
+        try:
+            json.dumps(spec, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"intervention {k} ({iv.type_name}) has a config that is not JSON data: {e}") from e
+        specs.append(spec)
+    return {"format_version": FORMAT_VERSION, "reftkit_version": __version__, "model": model_fingerprint(im.model),
+            "default_positions": _positions_dict(im.default_positions, "default positions"),
+            "bindings": bindings, "interventions": specs}
+
+
+def _state_tensors(im) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for k, iv in enumerate(im.interventions):
+        for key, value in iv.state_dict().items():
+            if not isinstance(value, torch.Tensor):
+                raise ConfigError(f"intervention {k} ({iv.type_name}): state entry {key!r} is not a tensor")
+            # a private contiguous copy: safetensors refuses tensors that share memory
+            tensors[f"{k}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+    return tensors
+
+
+def save_intervenable(im, directory) -> Path:
+    """Write `config.json` and `interventions.safetensors` for `im` into `directory`, atomically."""
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"cannot save into {target}: it exists and is not a directory")
+    config = build_config(im)
+    tensors = _state_tensors(im)
+    write_folder(target, {CONFIG_NAME: json.dumps(config, indent=2, allow_nan=False) + "\n"}, {WEIGHTS_NAME: tensors})
+    log.info("saved %d binding(s) and %d intervention(s) to %s", len(im.bindings), len(im.interventions), target)
+    return target
+
+
+def read_config(directory) -> dict:
+    """Read and validate `config.json` (structure only; the model is checked by `load_intervenable`)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"no {CONFIG_NAME} in {directory}; expected a folder written by IntervenableModel.save")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    _exact_fields(config, _TOP_FIELDS, str(path))
+    version = config["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ConfigError(f"{path}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ConfigError(f"{path}: format_version {version} was written by a newer reftkit "
+                          f"({config.get('reftkit_version')}); this one reads up to {FORMAT_VERSION}")
+    fingerprint = config["model"]
+    if not isinstance(fingerprint, dict) or not set(fingerprint) <= _FINGERPRINT_FIELDS:
+        raise ConfigError(f"{path}: 'model' must be an object with fields among {sorted(_FINGERPRINT_FIELDS)}")
+    specs, bindings = config["interventions"], config["bindings"]
+    if not isinstance(specs, list) or not specs or not all(isinstance(s, dict) for s in specs):
+        raise ConfigError(f"{path}: 'interventions' must be a non-empty list of {{'type', 'config'}} objects")
+    if not isinstance(bindings, list) or not bindings:
+        raise ConfigError(f"{path}: 'bindings' must be a non-empty list")
+    for j, b in enumerate(bindings):
+        if not isinstance(b, dict):
+            raise ConfigError(f"{path}: binding {j} must be an object")
+        _exact_fields(b, _BINDING_FIELDS, f"{path}: binding {j}")
+        k = b["intervention"]
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < len(specs):
+            raise ConfigError(f"{path}: binding {j} names intervention {k!r}; expected an index 0..{len(specs) - 1}")
+        if not isinstance(b["source"], int) or isinstance(b["source"], bool) or b["source"] < 0:
+            raise ConfigError(f"{path}: binding {j} has source {b['source']!r}; expected an index >= 0")
+        if not isinstance(b["name"], str) or not isinstance(b["site"], dict):
+            raise ConfigError(f"{path}: binding {j} needs a string name and a site object")
+    return config
+
+
+def _exact_fields(d: dict, expected: set, where: str) -> None:
+    unknown, missing = set(d) - expected, expected - set(d)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; expected {sorted(expected)}")
+    if missing:
+        raise ConfigError(f"{where}: missing field(s) {sorted(missing)}")
+
+
+def check_fingerprint(model: nn.Module, saved: dict, where: str) -> None:
+    try:
+        current = model_fingerprint(model)
+    except SiteError as e:
+        raise IncompatibleModelError(f"{where}: cannot describe the target model: {e}") from e
+    diffs = [f"{k}: saved {saved[k]!r}, model has {current.get(k)!r}"
+             for k in sorted(saved) if current.get(k) != saved[k]]
+    if diffs:
+        raise IncompatibleModelError(f"{where} was saved for a different model ({'; '.join(diffs)}); load it onto a "
+                                     "model of the same architecture, hidden size and layer count")
+
+
+def _parse_site(d, where: str) -> Site:
+    try:
+        return Site.parse(d)
+    except (SiteError, TypeError) as e:
+        raise ConfigError(f"{where}: bad site {d!r}: {e}") from e
+
+
+def _parse_positions(d, where: str):
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: positions must be an object or null, got {d!r}")
+    try:
+        return Positions.from_dict(d)
+    except (PositionError, TypeError) as e:
+        raise ConfigError(f"{where}: bad positions {d!r}: {e}") from e
+
+
+def load_intervenable(model: nn.Module, directory):
+    """Rebuild the `IntervenableModel` saved in `directory` on `model`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .engine import Binding, IntervenableModel
+
+    config = read_config(directory)
+    where = str(Path(directory))
+    check_fingerprint(model, config["model"], where)
+    interventions = []
+    for k, spec in enumerate(config["interventions"]):
+        try:
+            interventions.append(build_intervention(spec))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: intervention {k}: {e}") from e
+        except (TypeError, ValueError, InterventionError) as e:
+            raise ConfigError(f"{where}: intervention {k} ({spec.get('type')!r}) cannot be built from {spec!r}: "
+                              f"{e}") from e
+    weights_path = Path(directory) / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise ConfigError(f"no {WEIGHTS_NAME} in {where}")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"{weights_path} is not a readable safetensors file: {e}") from e
+    per: list[dict] = [{} for _ in interventions]
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        if not index.isdigit() or int(index) >= len(interventions) or not name:
+            raise ConfigError(f"{weights_path}: unexpected tensor {key!r}; keys are '<intervention index>.<name>'")
+        per[int(index)][name] = value
+    for k, (iv, state) in enumerate(zip(interventions, per)):
+        try:
+            iv.load_state_dict(state, strict=True)
+        except (RuntimeError, InterventionError) as e:
+            raise ConfigError(f"{weights_path}: weights of intervention {k} ({iv.type_name}) do not fit its "
+                              f"config: {e}") from e
+    device = next((p.device for p in model.parameters()), None)
+    if device is not None:
+        for iv in interventions:
+            iv.to(device)
+    bindings = []
+    for j, b in enumerate(config["bindings"]):
+        at = f"{where}: binding {j} ({b['name']!r})"
+        bindings.append(Binding(
+            site=_parse_site(b["site"], at), intervention=interventions[b["intervention"]], name=b["name"],
+            positions=_parse_positions(b["positions"], at), source=b["source"],
+            source_site=None if b["source_site"] is None else _parse_site(b["source_site"], at),
+            source_positions=_parse_positions(b["source_positions"], at)))
+    default = _parse_positions(config["default_positions"], f"{where}: default_positions") or "all"
+    try:
+        return IntervenableModel(model, bindings, default_positions=default)
+    except (SiteError, InterventionError) as e:
+        raise IncompatibleModelError(f"{where} does not fit this model: {e}") from e
