@@ -240,3 +240,19 @@ def test_broken_files_raise_config_error(tiny_llama, tmp_path):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         IntervenableModel.load(model, folder)
+
+
+def test_atomic_folders_get_ordinary_permissions(tmp_path):
+    import os
+
+    import torch
+
+    from reftkit.atomic import write_folder
+
+    umask = os.umask(0o022)
+    try:
+        out = write_folder(tmp_path / "adapter", {"config.json": "{}"}, {"w.safetensors": {"x": torch.zeros(2)}})
+    finally:
+        os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o755
+    assert {os.stat(f).st_mode & 0o777 for f in out.iterdir()} == {0o644}

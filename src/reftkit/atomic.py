@@ -20,6 +20,8 @@ def write_folder(target: "str | os.PathLike", texts: dict[str, str] | None = Non
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         if target.is_dir():
             for item in target.iterdir():
@@ -29,6 +31,11 @@ def write_folder(target: "str | os.PathLike", texts: dict[str, str] | None = Non
             (tmp / name).write_text(text)
         for name, state in (tensors or {}).items():
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / name))
+        # mkdtemp makes a private folder; give the result the permissions a plain mkdir/open would have
+        os.chmod(tmp, 0o777 & ~umask)
+        for item in tmp.iterdir():
+            if item.is_file():
+                os.chmod(item, 0o666 & ~umask)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
