@@ -228,12 +228,49 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_trace_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    parser.add_argument("--prompt", required=True, help="the factual prompt (no chat template is applied)")
+    parser.add_argument("--subject", required=True, help="the subject, as it appears in the prompt")
+    parser.add_argument("--target", help="the one-token answer (default: the model's greedy prediction)")
+    parser.add_argument("--samples", type=_positive_int, default=5, help="noise samples (default 5)")
+    parser.add_argument("--noise", type=float, default=3.0, help="noise std in embedding stds (default 3)")
+    parser.add_argument("--window", type=_positive_int, default=10, help="layers restored together for MLP and "
+                        "attention (default 10)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="trace", help="folder for the heatmaps (default ./trace)")
+    parser.add_argument("--no-plots", action="store_true", help="do not write heatmaps")
+
+
+def _run_trace(args: argparse.Namespace) -> int:
+    from reftkit.analysis.tracing import causal_trace
+
+    model, tokenizer = load_for_cli(args.model, args)
+    status(f"tracing {args.subject!r} -> {args.target or '(greedy prediction)'!r} with {args.samples} noise samples")
+    result = causal_trace(model, tokenizer, args.prompt, args.subject, args.target, samples=args.samples,
+                          noise=args.noise, window=args.window, seed=args.seed, progress=not args.json)
+    plots = [] if args.no_plots else [str(p) for p in result.save_plots(args.out)]
+    if args.json:
+        emit_json({**result.to_dict(), "plots": plots})
+        return 0
+    print(f"target {result.target!r}: clean p = {result.clean_prob:.4f}, corrupted p = {result.corrupted_prob:.4f} "
+          f"({result.samples} samples, noise std {result.noise_std:.4f}, {result.seconds:.1f} s)")
+    for component, grid in result.grids.items():
+        layer, position = divmod(int(grid.argmax()), grid.shape[1])
+        print(f"{component:<17} best restoration p = {float(grid.max()):.4f} at layer {layer}, "
+              f"token {position} {result.tokens[position]!r}")
+    for path in plots:
+        print(f"wrote {path}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "models": Command(_add_models_arguments, _run_models, "built-in models (`models list`)"),
     "generate": Command(_add_generate_arguments, _run_generate, "greedy replies to prompts"),
     "train": Command(_add_train_arguments, _run_train, "train a ReFT adapter from a YAML recipe"),
     "eval": Command(_add_eval_arguments, _run_eval, "loss / accuracy of a model or adapter on a data file"),
     "demo": Command(_add_demo_arguments, _run_demo, "train a LoReFT adapter on SmolLM2 and compare replies"),
+    "trace": Command(_add_trace_arguments, _run_trace, "causal tracing of a factual prompt (heatmaps per component)"),
 }
 
 
