@@ -1,15 +1,19 @@
 """Reduced-scale check of the ReFT paper's quality claim on SmolLM2-135M-Instruct, on a CPU.
 
 Wu et al. 2024 (arXiv 2404.03592) report that LoReFT matches or beats LoRA while training 10-50x fewer
-parameters. This script checks that claim at small scale on three generated tasks with held-out test sets:
+parameters. This script checks that claim at small scale on generated tasks with held-out test sets. Core tasks:
 
 - `arithmetic`: one-step word problems ("Tom has 3 apples and buys 4 more. ..." -> "3 + 4 = 7"), answered with
   the calculation; the arithmetic facts (operation, a, b) of the test set never occur in training.
-- `arithmetic_direct`: the same problems answered with the bare number ("7"), i.e. without writing the sum out.
-- `commonsense_mc`: two-option questions on a property ("Which is heavier? A: a feather B: a brick" -> "B")
-  built from object lists ordered by that property; test object pairs never occur in training.
+- `commonsense`: two-option questions on a property ("Which is heavier: a feather or a brick?" -> "a brick"),
+  built from object lists ordered by that property; the object pairs of the test set never occur in training.
 - `json_format`: short questions answered as the JSON object {"answer": "..."}; success is a rule on the format,
   with content correctness reported alongside. Test questions never occur in training.
+
+Answer-format variants of the first two (`--tasks all`), on the same items:
+
+- `arithmetic_direct`: the bare number ("7"), without writing the sum out;
+- `commonsense_mc`: the options labelled A/B and the answer a letter ("... A: a feather B: a brick" -> "B").
 
 Methods: LoReFT and DiReFT (reftkit's training loop) and LoRA (peft, attention projections of every layer, trained
 by a plain PyTorch loop that mirrors reftkit's: same examples, the same `Collator`, loss on completion tokens only,
@@ -18,14 +22,16 @@ is chosen on a validation split taken from the training items, and the test accu
 (test accuracies of the other grid points are kept in the JSON). The base model zero-shot is a reference row.
 
 A second experiment measures memorisation: how many random tokens a rank-1 LoReFT on one layer, editing one
-position of a fixed prompt, can make the model reproduce exactly by greedy decoding within a fixed step budget.
+position of a fixed prompt, can make the model reproduce exactly by greedy decoding within a fixed step budget
+(a doubling sweep that stops at the first length not reproduced).
 
-Results go to `benchmarks/results/reft_quality.json` (cells are cached there, so an interrupted run resumes where it
-stopped) and `reft_quality.png`; a markdown table is printed. `--quick` runs a tiny smoke version into separate
-files.
+Results go to `benchmarks/results/reft_quality.json` (every finished cell is cached there with a hash of its data,
+so an interrupted run resumes where it stopped) and `reft_quality.png`; a markdown table is printed. `--quick`
+runs a tiny smoke version into `reft_quality_quick.{json,png}`.
 
-    python benchmarks/reft_quality.py            # full run
-    python benchmarks/reft_quality.py --quick    # smoke run (a few minutes)
+    python benchmarks/reft_quality.py                # core tasks + memorisation
+    python benchmarks/reft_quality.py --tasks all    # also the two answer-format variants
+    python benchmarks/reft_quality.py --quick        # smoke run (a few minutes)
 """
 
 from __future__ import annotations
