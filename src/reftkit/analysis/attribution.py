@@ -20,21 +20,17 @@ import torch
 from ..engine import Binding, IntervenableModel
 from ..interventions.basic import AddIntervention, CollectIntervention
 from ..sites import Site
-from .patching import PatchingResult, _grid_args, activation_patching, as_metric
-from .sweep import check_components, collect_activations, forward_kwargs, last_logits
-from .text import as_input_ids, same_shape, token_labels
+from .patching import PatchingResult, activation_patching, as_metric, prepare_pair
+from .sweep import collect_activations, forward_kwargs, last_logits
+from .text import token_labels
 
 
 def attribution_patching(model, clean, corrupted, metric, *, tokenizer=None, components=("block_output",),
                          layers=None) -> PatchingResult:
     """Estimated denoising effects of every (component, layer, position) site, from one forward + backward on
     the corrupted prompts (and one forward on the clean ones)."""
-    clean_ids = as_input_ids(clean, tokenizer, "clean prompts")
-    corrupted_ids = as_input_ids(corrupted, tokenizer, "corrupted prompts")
-    same_shape(clean_ids, corrupted_ids)
-    components = check_components(model, components)
-    layers, positions = _grid_args(model, clean_ids, layers, None)
-    metric = as_metric(metric)
+    clean_ids, corrupted_ids, components, layers, positions, metric = prepare_pair(
+        model, clean, corrupted, tokenizer, components, layers, None, metric)
     clean_acts, clean_logits = collect_activations(model, clean_ids, components, layers)
 
     P, T = corrupted_ids.shape

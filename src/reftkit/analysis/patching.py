@@ -19,6 +19,8 @@ Decisions:
 
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +36,7 @@ ABLATIONS = ("zero", "mean", "resample")
 
 # ------------------------------------------------------------------------------------------------- metrics
 
-class PatchingMetric:
+class PatchingMetric(abc.ABC):
     """Base class: `__call__(logits [n, V], prompt_index [n]) -> [n]`."""
 
     name = "metric"
@@ -42,8 +44,9 @@ class PatchingMetric:
     def prepare(self, clean_logits: torch.Tensor, corrupted_logits: torch.Tensor | None) -> None:
         """Receives the last-token logits of the clean and corrupted runs before any patched run."""
 
+    @abc.abstractmethod
     def __call__(self, logits: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The metric per row."""
 
 
 def _ids(tokens, tokenizer) -> torch.Tensor:
@@ -180,6 +183,17 @@ class PatchingResult:
 
 # ------------------------------------------------------------------------------------------------ functions
 
+def prepare_pair(model, clean, corrupted, tokenizer, components, layers, positions, metric):
+    """Validated inputs of a clean/corrupted comparison: token ids of equal shape, components, the layer and
+    position grid, and the metric object."""
+    clean_ids = as_input_ids(clean, tokenizer, "clean prompts")
+    corrupted_ids = as_input_ids(corrupted, tokenizer, "corrupted prompts")
+    same_shape(clean_ids, corrupted_ids)
+    components = check_components(model, components)
+    layers, positions = _grid_args(model, clean_ids, layers, positions)
+    return clean_ids, corrupted_ids, components, layers, positions, as_metric(metric)
+
+
 def _grid_args(model, ids: torch.Tensor, layers, positions):
     n_layers = model_dims(model).n_layers
     layers = list(range(n_layers)) if layers is None else [int(l) for l in layers]
@@ -206,12 +220,8 @@ def activation_patching(model, clean, corrupted, metric, *, tokenizer=None, comp
     or `input_ids [P, T]`); see the module docstring."""
     if direction not in DIRECTIONS:
         raise ReftkitError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    clean_ids = as_input_ids(clean, tokenizer, "clean prompts")
-    corrupted_ids = as_input_ids(corrupted, tokenizer, "corrupted prompts")
-    same_shape(clean_ids, corrupted_ids)
-    components = check_components(model, components)
-    layers, positions = _grid_args(model, clean_ids, layers, positions)
-    metric = as_metric(metric)
+    clean_ids, corrupted_ids, components, layers, positions, metric = prepare_pair(
+        model, clean, corrupted, tokenizer, components, layers, positions, metric)
     base, source = (corrupted_ids, clean_ids) if direction == "denoise" else (clean_ids, corrupted_ids)
     values, source_logits = collect_activations(model, source, components)
     base_logits = _logits(model, base)

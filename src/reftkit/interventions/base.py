@@ -9,6 +9,7 @@ Classes are found through `REGISTRY` by name, never by importing a path named in
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -52,7 +53,7 @@ class InterventionConfig:
         return cls(**d)
 
 
-class Intervention(nn.Module):
+class Intervention(nn.Module, metaclass=abc.ABCMeta):
     """Base class. Subclasses set `config_class`, implement `forward(base, source=None)`, and may set:
 
     - `source`: "none" (default), "required" (interchange types) or "module_input" (the engine passes the hooked
@@ -79,8 +80,9 @@ class Intervention(nn.Module):
     def embed_dim(self) -> int | None:
         return self.config.embed_dim
 
-    def forward(self, base: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, base: torch.Tensor, source: torch.Tensor | None = None, subspaces=None) -> torch.Tensor:
+        """New vectors for the selected `base [batch, K, width]`; same shape."""
 
     def check_input(self, base: torch.Tensor, source: torch.Tensor | None, where: str) -> None:
         """Raise a typed error naming the site when the inputs do not fit this intervention."""

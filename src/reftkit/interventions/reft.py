@@ -25,6 +25,7 @@ Decisions:
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
@@ -167,8 +168,9 @@ class _ReftBase(Intervention):
         as 0, and `R` collapses to zero after a single step."""
         return {"rotate_layer.parametrizations.weight.original"} if self.has_rotation else set()
 
-    def edit(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def edit(self, x: torch.Tensor) -> torch.Tensor:
+        """The learned edit for `x`, in the parameters' dtype."""
 
     def forward(self, base, source=None, subspaces=None):
         if subspaces is not None:
