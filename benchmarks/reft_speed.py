@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "reft_speed.json"
 ANCHOR = ROOT.parent / "shared" / "bench" / "anchor_pyreft.py"
+PYREFT_LOSSES = ROOT / "benchmarks" / "pyreft_side" / "train_losses.py"
 LAYERS = [8, 16, 24]
 
 
@@ -106,15 +107,26 @@ def worker_inference() -> dict:
             reft.add_adapter(f"a{k}", ReftConfig(method="loreft", layers=LAYERS, rank=4, positions="l1", seed=k),
                              activate=False)
         names = ["default"] + [f"a{k}" for k in range(1, 8)]
-        gen16 = dict(gen, max_new_tokens=16, min_new_tokens=16)
-        mixed = _median_time(lambda: reft.generate(**batch, adapter_names=names, **gen16), 3)
+        for n_new in (16, 32):
+            g = dict(gen, max_new_tokens=n_new, min_new_tokens=n_new)
+            mixed = _median_time(lambda: reft.generate(**batch, adapter_names=names, **g), 3)
 
-        def sequential():
-            for p, name in zip(prompts, names):
-                reft.generate(**left_padded(tok, [p]), adapter_names=[name], **gen16)
+            def sequential():
+                for p, name in zip(prompts, names):
+                    reft.generate(**left_padded(tok, [p]), adapter_names=[name], **g)
 
-        seq = _median_time(sequential, 2)
-        out.update({"mixed_batch_s": mixed, "one_at_a_time_s": seq, "mixed_speedup": seq / mixed})
+            def plain_sequential():
+                for p in prompts:
+                    model.generate(**left_padded(tok, [p]), **g)
+
+            seq = _median_time(sequential, 2)
+            # the base model's own batching gain on the same prompts: the bound for any routing scheme
+            plain_batch = _median_time(lambda: model.generate(**batch, **g), 3)
+            plain_seq = _median_time(plain_sequential, 2)
+            out[f"mixed_{n_new}"] = {"mixed_batch_s": mixed, "one_at_a_time_s": seq, "mixed_speedup": seq / mixed,
+                                     "plain_batch_s": plain_batch, "plain_one_at_a_time_s": plain_seq,
+                                     "plain_batch_speedup": plain_seq / plain_batch,
+                                     "mixed_vs_plain_batch": mixed / plain_batch}
     out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     return out
 
@@ -156,6 +168,8 @@ def main() -> None:
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['s_per_step']:.3f} s/step" for k, v in runs.items() if v),
               file=sys.stderr)
     inference = _run(me + ["--worker", "inference"])
+    pyreft_curve = _run([args.anchor_python, str(PYREFT_LOSSES), _gguf_dir()], dict(os.environ, THREADS="2")) \
+        if have_anchor else None
 
     def med(key, name):
         vals = [x[key] for x in runs[name]]
@@ -168,13 +182,21 @@ def main() -> None:
         "reftkit_fp32_maxrss_mb": med("maxrss_mb", "reftkit_fp32"),
         "pyreft_maxrss_mb": med("maxrss_mb", "pyreft"),
         "reftkit_final_loss": med("final_loss", "reftkit_fp32"),
-        "pyreft_final_loss": med("final_loss", "pyreft"),
+        "pyreft_trainer_mean_loss": med("final_loss", "pyreft"),  # the anchor's "final_loss" is Trainer's mean
         "fwd_overhead": inference["fwd_overhead"],
         "gen_overhead": inference["gen_overhead"],
         "pyreft_fwd_overhead": med("fwd_overhead", "pyreft"),
         "pyreft_gen_overhead": med("gen_overhead", "pyreft"),
-        "mixed_adapter_speedup": inference["mixed_speedup"],
+        "mixed_adapter_speedup_16_tokens": inference["mixed_16"]["mixed_speedup"],
+        "mixed_adapter_speedup_32_tokens": inference["mixed_32"]["mixed_speedup"],
+        "plain_batch_speedup_16_tokens": inference["mixed_16"]["plain_batch_speedup"],
+        "plain_batch_speedup_32_tokens": inference["mixed_32"]["plain_batch_speedup"],
     }
+    if pyreft_curve:  # step-by-step loss curves (the anchor itself reports only Trainer's mean loss)
+        ours = runs["reftkit_fp32"][0]["losses"]
+        summary["loss_curves"] = {"pyreft": pyreft_curve["losses"], "reftkit_fp32": [round(x, 4) for x in ours],
+                                  "reftkit_bf16": [round(x, 4) for x in runs["reftkit_bf16"][0]["losses"]],
+                                  "pyreft_mean": pyreft_curve["mean_loss"], "pyreft_final": pyreft_curve["final_loss"], "reftkit_fp32_mean": sum(ours) / len(ours)}
     if summary["pyreft_s_per_step"]:
         summary["speedup_fp32_vs_pyreft"] = summary["pyreft_s_per_step"] / summary["reftkit_fp32_s_per_step"]
         summary["speedup_bf16_vs_pyreft"] = summary["pyreft_s_per_step"] / summary["reftkit_bf16_s_per_step"]

@@ -150,6 +150,22 @@ def test_bf16_autocast_trains(tok):
     assert all(p.dtype == torch.float32 for p in reft.adapters.parameters())
 
 
+
+def test_bf16_on_cpu_trains_with_eager_attention_and_restores_the_models_own(tok, monkeypatch):
+    data = sft_data(tok)
+    reft = fresh(ReftConfig(layers=[1], rank=4))
+    assert reft.model.config._attn_implementation == "sdpa"
+    seen = []
+    real = train_module.task_loss
+    monkeypatch.setattr(train_module, "task_loss",
+                        lambda r, *a, **k: seen.append(r.model.config._attn_implementation) or real(r, *a, **k))
+    train(reft, data, TrainArgs(max_steps=2, batch_size=8, bf16=True, progress=False), pad_token_id=tok.pad_token_id)
+    assert seen == ["eager", "eager"]
+    assert reft.model.config._attn_implementation == "sdpa"
+    seen.clear()
+    train(reft, data, TrainArgs(max_steps=1, batch_size=8, progress=False), pad_token_id=tok.pad_token_id)
+    assert seen == ["sdpa"]  # fp32 keeps the model's attention
+
 def test_rotations_stay_orthonormal_under_weight_decay(tok):
     data = sft_data(tok)
     reft = fresh(ReftConfig(layers=[0, 2], rank=4))

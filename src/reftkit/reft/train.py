@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -206,6 +207,31 @@ def _autocast(reft: ReftModel, enabled: bool):
     return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
 
 
+@contextlib.contextmanager
+def _training_attention(reft: ReftModel, args: TrainArgs):
+    """bf16 autocast on a CPU trains with eager attention: torch's CPU flash-attention backward in bf16 costs about
+    ten times its forward, while the eager softmax(QKᵀ)V is ordinary bf16 matmuls. The model's own setting is
+    restored afterwards; fp32, GPUs and models that cannot switch are left as they are."""
+    model = reft.model
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    device = next(reft.parameters()).device.type
+    if not (args.bf16 and device == "cpu" and current == "sdpa" and hasattr(model, "set_attn_implementation")):
+        yield
+        return
+    try:
+        model.set_attn_implementation("eager")
+    except (ValueError, ImportError) as e:  # a model without an eager path keeps its own
+        log.info("keeping %s attention for bf16 training: %s", current, e)
+        yield
+        return
+    log.info("bf16 training on CPU: eager attention for the run (was %s)", current)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)
+
+
 def evaluate(reft: ReftModel, data: list[Example], collator: Collator, args: TrainArgs, task: str) -> float:
     """The loss over `data`, averaged over its items (label tokens, examples or pairs) as in training."""
     was_training = reft.training
@@ -261,7 +287,8 @@ def train(reft: ReftModel, data: list[Example], args: TrainArgs, *, task: str = 
 
             bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", leave=False)
         try:
-            _loop(reft, data, args, task, collator, opt, sched, state, total_steps, ckpt, eval_data, bar)
+            with _training_attention(reft, args):
+                _loop(reft, data, args, task, collator, opt, sched, state, total_steps, ckpt, eval_data, bar)
         finally:
             if bar is not None:
                 bar.close()
