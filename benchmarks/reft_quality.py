@@ -84,7 +84,7 @@ QUICK = {
     "memorisation": {**FULL["memorisation"], "lengths": [8, 16], "max_steps": 20},
 }
 
-CORE_TASKS = ("arithmetic", "commonsense", "json_format")
+CORE_TASKS = ("arithmetic", "commonsense", "json_format", "categories", "sentiment")
 EXTRA_TASKS = ("arithmetic_direct", "commonsense_mc")  # answer-format variants of the first two
 TASKS = CORE_TASKS + EXTRA_TASKS
 METHODS = ("loreft", "direft", "lora")
@@ -157,6 +157,47 @@ WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", 
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]
 JSON_SUFFIX = ' Reply only with JSON of the form {"answer": "..."}.'
+
+# Category membership (commonsense-style two-option questions on word knowledge). Each category's members are
+# split into training and test members, so a test question asks about words never seen in training.
+CATEGORIES = {
+    "fruit": ["an apple", "a banana", "a cherry", "a grape", "a lemon", "a mango", "a peach", "a pear",
+              "a plum", "a strawberry", "a watermelon", "an orange"],
+    "animal": ["a cat", "a dog", "a horse", "a lion", "a rabbit", "a tiger", "an elephant", "a cow", "a sheep",
+               "a monkey", "a bear", "a zebra"],
+    "vehicle": ["a car", "a bus", "a truck", "a bicycle", "a train", "a motorcycle", "a taxi", "a van", "a tractor",
+                "a scooter", "a tram", "an airplane"],
+    "musical instrument": ["a piano", "a guitar", "a violin", "a drum", "a flute", "a trumpet", "a harp", "a cello",
+                           "a saxophone", "a clarinet", "a trombone", "a banjo"],
+    "tool": ["a hammer", "a screwdriver", "a wrench", "a saw", "a drill", "pliers", "a chisel", "a shovel",
+             "a rake", "an axe", "a spanner", "a crowbar"],
+    "piece of furniture": ["a chair", "a table", "a sofa", "a bed", "a desk", "a wardrobe", "a bookshelf",
+                           "a stool", "a bench", "a dresser", "a cupboard", "an armchair"],
+    "piece of clothing": ["a shirt", "a jacket", "a skirt", "a sweater", "a coat", "a scarf", "a dress", "a sock",
+                          "a glove", "trousers", "a hat", "a blouse"],
+    "vegetable": ["a carrot", "a potato", "an onion", "a cabbage", "a cucumber", "a pea", "broccoli", "spinach",
+                  "a radish", "lettuce", "a turnip", "celery"],
+    "body part": ["an arm", "a leg", "a hand", "a foot", "an elbow", "a knee", "a shoulder", "a finger", "an ear",
+                  "a nose", "an eye", "a toe"],
+    "kitchen utensil": ["a spoon", "a fork", "a knife", "a ladle", "a whisk", "a spatula", "a kettle", "a pan",
+                        "a colander", "a grater", "a rolling pin", "a peeler"],
+}
+CATEGORY_QUESTIONS = ("Which of these is {c}: {x} or {y}?", "Which one is {c}: {x} or {y}?")
+
+# Sentiment of a short review (a GLUE-style classification answered in words). Test reviews use adjectives and
+# subjects that never occur in training.
+SENTIMENT_WORDS = {
+    "positive": ["wonderful", "excellent", "delightful", "fantastic", "superb", "lovely", "brilliant", "pleasant",
+                 "outstanding", "charming", "marvellous", "terrific", "amazing", "great", "enjoyable", "perfect"],
+    "negative": ["terrible", "awful", "dreadful", "horrible", "disappointing", "boring", "awful", "poor",
+                 "miserable", "unpleasant", "disgusting", "mediocre", "dull", "annoying", "bad", "horrendous"],
+}
+SENTIMENT_SUBJECTS = ["The food", "The service", "The hotel room", "The film", "The concert", "The book",
+                      "The coffee", "The staff", "The trip", "The show", "The game", "The museum", "The lesson",
+                      "The pizza", "The flight", "The party"]
+SENTIMENT_TEMPLATES = ("{s} was {a}.", "{s} was really {a}.", "Honestly, {s_l} was {a}.",
+                       "{s} was {a}, and I would say so again.")
+SENTIMENT_SUFFIX = " Is this review positive or negative? Answer with one word."
 
 
 def _arithmetic(cfg: dict, rng: random.Random, worked: bool = True) -> tuple[list[dict], list[dict]]:
@@ -234,9 +275,69 @@ def _json_task(cfg: dict, rng: random.Random) -> tuple[list[dict], list[dict]]:
     return rows[: cfg["n_train"]], rows[cfg["n_train"]:]
 
 
+def _categories(cfg: dict, rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """Two options, one a member of the category and one of another category; train and test members differ."""
+    train_m, test_m = {}, {}
+    for cat, members in CATEGORIES.items():
+        ms = list(members)
+        rng.shuffle(ms)
+        cut = len(ms) * 2 // 3
+        train_m[cat], test_m[cat] = ms[:cut], ms[cut:]
+
+    def rows(members: dict, n: int) -> list[dict]:
+        cands = [(c, m, o, oc) for c in members for m in members[c] for oc in members if oc != c for o in members[oc]]
+        rng.shuffle(cands)
+        out, seen = [], set()
+        for c, m, o, _ in cands:
+            if (c, m) in seen:  # each member is asked about at most twice per category
+                continue
+            if sum(1 for x in out if x["member"] == m) >= 2:
+                seen.add((c, m))
+                continue
+            options = [m, o]
+            rng.shuffle(options)
+            q = rng.choice(CATEGORY_QUESTIONS).format(c=("an " if c[0] in "aeiou" else "a ") + c, x=options[0],
+                                                      y=options[1])
+            out.append({"prompt": q + TEXT_SUFFIX, "completion": m, "answer": m, "options": options,
+                        "member": m, "item": f"{c}:{m}|{o}"})
+            if len(out) == n:
+                break
+        if len(out) < n:
+            raise SystemExit(f"categories: only {len(out)} questions for {n} examples")
+        return out
+
+    return rows(train_m, cfg["n_train"]), rows(test_m, cfg["n_test"])
+
+
+def _sentiment(cfg: dict, rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """A review made of a subject, a template and a sentiment adjective; test adjectives and subjects are new."""
+    words = {k: sorted(set(v)) for k, v in SENTIMENT_WORDS.items()}
+    subjects = list(SENTIMENT_SUBJECTS)
+    rng.shuffle(subjects)
+    split_w = {}
+    for k, ws in words.items():
+        rng.shuffle(ws)
+        cut = len(ws) * 2 // 3
+        split_w[k] = (ws[:cut], ws[cut:])
+    cut = len(subjects) * 2 // 3
+
+    def rows(part: int, subs: list[str], n: int) -> list[dict]:
+        cands = [(lab, a, s, t) for lab in split_w for a in split_w[lab][part] for s in subs
+                 for t in SENTIMENT_TEMPLATES]
+        rng.shuffle(cands)
+        out = []
+        for lab, a, s, t in cands[:n]:
+            review = t.format(s=s, s_l=s[0].lower() + s[1:], a=a)
+            out.append({"prompt": f'Review: "{review}"{SENTIMENT_SUFFIX}', "completion": lab, "answer": lab,
+                        "options": ["positive", "negative"], "item": review})
+        return out
+
+    return rows(0, subjects[:cut], cfg["n_train"]), rows(1, subjects[cut:], cfg["n_test"])
+
+
 BUILDERS = {"arithmetic": _arithmetic, "arithmetic_direct": lambda cfg, rng: _arithmetic(cfg, rng, worked=False),
             "commonsense": _commonsense, "commonsense_mc": lambda cfg, rng: _commonsense(cfg, rng, letters=True),
-            "json_format": _json_task}
+            "json_format": _json_task, "categories": _categories, "sentiment": _sentiment}
 SEED_KEYS = {"arithmetic_direct": "arithmetic", "commonsense": "commonsense_mc"}  # the variants share their items
 
 
@@ -268,7 +369,7 @@ def score(task: str, row: dict, reply: str) -> dict:
         nums = _INT.findall(reply)
         got = lead.group(1) if lead else (nums[-1] if nums else None)
         return {"correct": got == row["answer"], "extracted": got}
-    if task == "commonsense":
+    if task in ("commonsense", "categories", "sentiment"):
         # the option the reply is, else the option it names first ("The elephant is heavier" -> "an elephant")
         cores = [re.sub(r"^(a|an|the) ", "", o.lower()) for o in row["options"]]
         text = reply.lower().strip(" .!\"'")
@@ -713,7 +814,7 @@ def plot(doc: dict, path: Path) -> None:
                                                                                     "ecolor": "dimgrey"})
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     for j, t in enumerate(tasks):
-        if t.startswith("commonsense"):  # two options: 50% is chance
+        if t.startswith("commonsense") or t in ("categories", "sentiment"):  # two options: 50% is chance
             ax.hlines(50, j - 0.45, j + 0.45, colors="grey", linestyles="dashed", linewidth=1)
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("held-out test accuracy (%)")
