@@ -9,6 +9,9 @@ parameters. This script checks that claim at small scale on generated tasks with
   built from object lists ordered by that property; the object pairs of the test set never occur in training.
 - `json_format`: short questions answered as the JSON object {"answer": "..."}; success is a rule on the format,
   with content correctness reported alongside. Test questions never occur in training.
+- `categories`: two-option category questions ("Which one is a tool: a violin or a spanner?" -> "a spanner"); a
+  third of each category's members are kept for the test, so test questions ask about words never trained on.
+- `sentiment`: short reviews labelled "positive" or "negative"; test reviews use held-out adjectives and subjects.
 
 Answer-format variants of the first two (`--tasks all`), on the same items:
 
