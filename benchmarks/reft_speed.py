@@ -107,7 +107,7 @@ def worker_inference() -> dict:
             reft.add_adapter(f"a{k}", ReftConfig(method="loreft", layers=LAYERS, rank=4, positions="l1", seed=k),
                              activate=False)
         names = ["default"] + [f"a{k}" for k in range(1, 8)]
-        for n_new in (16, 32):
+        for n_new in (16, 32, 64):
             g = dict(gen, max_new_tokens=n_new, min_new_tokens=n_new)
             mixed = _median_time(lambda: reft.generate(**batch, adapter_names=names, **g), 3)
 
@@ -191,6 +191,8 @@ def main() -> None:
         "mixed_adapter_speedup_32_tokens": inference["mixed_32"]["mixed_speedup"],
         "plain_batch_speedup_16_tokens": inference["mixed_16"]["plain_batch_speedup"],
         "plain_batch_speedup_32_tokens": inference["mixed_32"]["plain_batch_speedup"],
+        "mixed_adapter_speedup_64_tokens": inference["mixed_64"]["mixed_speedup"],
+        "plain_batch_speedup_64_tokens": inference["mixed_64"]["plain_batch_speedup"],
     }
     if pyreft_curve:  # step-by-step loss curves (the anchor itself reports only Trainer's mean loss)
         ours = runs["reftkit_fp32"][0]["losses"]

@@ -81,3 +81,18 @@ def test_trainer_refuses_what_it_cannot_train(tok, tmp_path):
         ReftTrainer(fresh(), args(tmp_path), task="dpo", pad_token_id=0)
     with pytest.raises(ConfigError, match="pad_token_id"):
         ReftTrainer(fresh(), args(tmp_path))
+
+
+def test_bf16_on_cpu_trains_with_eager_attention_and_restores_the_models_own(tok, tmp_path):
+    reft = fresh()
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            seen.append(reft.model.config._attn_implementation)
+
+    trainer = ReftTrainer(reft, args(tmp_path, bf16=True), train_dataset=data(tok),
+                          pad_token_id=tok.pad_token_id, callbacks=[Watch()])
+    trainer.train()
+    assert seen and set(seen) == {"eager"}
+    assert reft.model.config._attn_implementation == "sdpa"

@@ -208,15 +208,16 @@ def _autocast(reft: ReftModel, enabled: bool):
 
 
 @contextlib.contextmanager
-def _training_attention(reft: ReftModel, args: TrainArgs):
+def bf16_training_attention(reft: ReftModel, args):
     """bf16 autocast on a CPU trains with eager attention: torch's CPU flash-attention backward in bf16 costs about
     ten times its forward, while the eager softmax(QKᵀ)V is ordinary bf16 matmuls. The model's own setting is
-    restored afterwards; fp32, GPUs and models that cannot switch are left as they are."""
+    restored afterwards; fp32, GPUs and models that cannot switch are left as they are. `args` is anything with a
+    `bf16` flag (`TrainArgs` or transformers' `TrainingArguments`)."""
     model = reft.model
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
     device = next(reft.parameters()).device.type
-    if not (args.bf16 and device == "cpu" and current == "sdpa" and hasattr(model, "set_attn_implementation")):
+    if not (getattr(args, "bf16", False) and device == "cpu" and current == "sdpa" and hasattr(model, "set_attn_implementation")):
         yield
         return
     try:
@@ -287,7 +288,7 @@ def train(reft: ReftModel, data: list[Example], args: TrainArgs, *, task: str = 
 
             bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", leave=False)
         try:
-            with _training_attention(reft, args):
+            with bf16_training_attention(reft, args):
                 _loop(reft, data, args, task, collator, opt, sched, state, total_steps, ckpt, eval_data, bar)
         finally:
             if bar is not None:

@@ -7,6 +7,7 @@ Decisions:
   Trainer's `num_items_in_batch`: gradient accumulation equals one large batch.
 - Tasks: `sft` and `classification` (the model's own head and loss; list the head in `modules_to_save`). DPO
   needs a reference forward per batch and is trained with `reftkit.reft.train`.
+- With `bf16=True` on a CPU the run uses eager attention, as reftkit's loop does (`bf16_training_attention`).
 - The optimizer's parameter groups keep rotations out of weight decay (`param_groups`), as reftkit's loop does.
 - `_save` writes what `save_pretrained` writes (adapter config + safetensors, never the base weights) plus
   `trainable_state.safetensors`, the trainable tensors as the optimizer sees them. The adapter format stores the
@@ -29,7 +30,7 @@ from ..atomic import write_folder
 from ..errors import ConfigError, MissingDependencyError
 from .data import Collator
 from .model import ReftModel
-from .train import load_raw_state, param_groups, raw_state
+from .train import bf16_training_attention, load_raw_state, param_groups, raw_state
 
 log = logging.getLogger(__name__)
 TRAINABLE_STATE_NAME = "trainable_state.safetensors"
@@ -68,6 +69,10 @@ class ReftTrainer(Trainer):
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.reft_model)
             self.optimizer = optimizer_cls(param_groups(self.reft_model, self.args.weight_decay), **optimizer_kwargs)
         return self.optimizer
+
+    def train(self, *args, **kwargs):
+        with bf16_training_attention(self.reft_model, self.args):  # see there: CPU bf16 trains faster on eager
+            return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
