@@ -217,7 +217,8 @@ def bf16_training_attention(reft: ReftModel, args):
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
     device = next(reft.parameters()).device.type
-    if not (getattr(args, "bf16", False) and device == "cpu" and current == "sdpa" and hasattr(model, "set_attn_implementation")):
+    switchable = current == "sdpa" and hasattr(model, "set_attn_implementation")
+    if not (getattr(args, "bf16", False) and device == "cpu" and switchable):
         yield
         return
     try:
