@@ -7,9 +7,10 @@ Run:
     .venv/bin/python benchmarks/reft_speed.py [--anchor-python /tmp/venv-anchor/bin/python] [--repeats 2]
 
 Same model (SmolLM2-135M-Instruct, float32), data (32 "What is a plus b?" pairs), LoReFT rank 4 at layers
-8/16/24, positions f1+l1 tied, batch 8, 3 epochs, lr 4e-3. Each measurement runs in its own process (peak RSS is
-per process); reftkit and pyreft runs alternate, and medians are reported. Results go to
-benchmarks/results/reft_speed.json.
+8/16/24, positions f1+l1 tied, batch 8, 3 epochs, lr 4e-3 decaying linearly, gradients clipped at norm 1.0. Each
+measurement runs in its own process (peak RSS is per process); reftkit and pyreft runs alternate, and medians are
+reported. pyreft's per-step losses come from benchmarks/pyreft_side/train_losses.py (the anchor prints only the
+Trainer's mean). Results go to benchmarks/results/reft_speed.json.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def worker_train(bf16: bool) -> dict:
     model, tok = load_model("smollm2-135m-instruct")
     data = encode(tok, _data(), "sft")
     reft = ReftModel(model, ReftConfig(method="loreft", layers=LAYERS, rank=4, positions="f1+l1", tied=True))
-    res = train(reft, data, TrainArgs(epochs=3, batch_size=8, lr=4e-3, progress=False, bf16=bf16),
+    # clipping at 1.0 is the Hugging Face Trainer's default, so pyreft's runs clip too
+    res = train(reft, data, TrainArgs(epochs=3, batch_size=8, lr=4e-3, max_grad_norm=1.0, progress=False, bf16=bf16),
                 pad_token_id=tok.pad_token_id)
     return {"s_per_step": res["train_seconds"] / res["step"], "steps": res["step"], "losses": res["losses"],
             "final_loss": res["losses"][-1], "examples_per_second": res["examples_per_second"],

@@ -2,8 +2,12 @@
 
 Runs in pyreft's own virtualenv (transformers 4.45.1): `python train_losses.py GGUF_DIR`. Prints one JSON line.
 The setup is the shared anchor's (SmolLM2-135M-Instruct float32, LoReFT rank 4 at layers 8/16/24, f1+l1 tied,
-batch 8, 3 epochs, lr 4e-3, the 32 "What is a plus b?" pairs); only the logging differs: every step's loss is kept,
-so the loss curve can be laid beside reftkit's step by step.
+batch 8, 3 epochs, lr 4e-3, the 32 "What is a plus b?" pairs), with two differences. Every step's loss is kept, so
+the loss curve can be laid beside reftkit's step by step. And pyreft trains on exactly the token sequences reftkit
+trains on: transformers 4.45's GGUF tokenizer reads SmolLM2's end-of-sequence token as `<|im_start|>` (the chat
+turn ends with `<|im_end|>`) and prepends a BOS `<|im_start|>` to text whose chat template already starts with it.
+The anchor keeps those, so its examples start with two `<|im_start|>` and end with a third, and the base model's
+loss on its answers is 3.9 nats per token instead of 2.9; here the tokenizer is set as SmolLM2's own.
 """
 import json
 import os
@@ -20,8 +24,8 @@ tok = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
 model = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, torch_dtype=torch.float32)
 model.lm_head.weight = model.model.embed_tokens.weight  # the 4.45 GGUF loader leaves the tied head untied
 tok.model_max_length = 2048
-if tok.pad_token is None:
-    tok.pad_token = tok.eos_token
+tok.add_bos_token = False  # the chat template writes the leading <|im_start|> itself
+tok.eos_token = tok.pad_token = "<|im_end|>"  # SmolLM2's end of turn (and reftkit's pad)
 width, layers = model.config.hidden_size, [8, 16, 24]
 reps = [{"layer": layer, "component": f"model.layers[{layer}].output", "low_rank_dimension": 4,
          "intervention": pyreft.LoreftIntervention(embed_dim=width, low_rank_dimension=4, dtype=torch.float32)}

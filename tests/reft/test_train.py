@@ -266,6 +266,28 @@ def test_train_refuses_bad_input(tok):
     with pytest.raises(ConfigError, match="nothing to train"):
         train(frozen, sft_data(tok), TrainArgs(progress=False))
     for bad in (dict(batch_size=0), dict(lr=0), dict(lr="fast"), dict(max_steps=0), dict(padding_side="up"),
-                dict(warmup_ratio=1.5)):
+                dict(warmup_ratio=1.5), dict(max_grad_norm=0), dict(max_grad_norm="1")):
         with pytest.raises(ConfigError):
             TrainArgs(**bad)
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_max_grad_norm_clips_the_gradient_the_optimizer_steps_on(tok, monkeypatch, clip):
+    norms = []
+    real = torch.optim.AdamW
+
+    class Spy(real):
+        def step(self, *a, **k):
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))))
+            return super().step(*a, **k)
+
+    monkeypatch.setattr(train_module.torch.optim, "AdamW", Spy)
+    reft = fresh(ReftConfig(layers=[1, 3], rank=4))
+    train(reft, sft_data(tok), TrainArgs(max_steps=3, batch_size=8, max_grad_norm=clip, progress=False),
+          pad_token_id=tok.pad_token_id)
+    assert len(norms) == 3
+    if clip is None:
+        assert min(norms) > 1e-2  # the unclipped gradients of this set-up are far above the clip level below
+    else:
+        assert max(norms) <= clip * (1 + 1e-4)

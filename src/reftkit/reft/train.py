@@ -42,6 +42,7 @@ class TrainArgs:
     grad_accum: int = 1
     warmup_ratio: float = 0.0
     max_steps: int | None = None
+    max_grad_norm: float | None = None  # clip the global gradient norm before each step (None: no clipping)
     eval_every: int = 0
     save_every: int = 0
     output_dir: str | None = None
@@ -76,6 +77,9 @@ class TrainArgs:
             raise ConfigError("eval_every and save_every must be >= 0 (0 = never)")
         if self.padding_side not in ("left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        g = self.max_grad_norm
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0):
+            raise ConfigError(f"max_grad_norm must be a positive number or null, got {g!r}")
 
 
 def sequence_logprobs(reft: ReftModel, batch: dict) -> torch.Tensor:
@@ -316,6 +320,8 @@ def _loop(reft, data, args: TrainArgs, task: str, collator, opt, sched, state: d
                     loss = task_loss(reft, batch, task, args.dpo_beta, num_items=items)
                 loss.backward()
                 step_loss += float(loss.detach())
+            if args.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
