@@ -2,12 +2,14 @@
 
 Runs in pyreft's own virtualenv (transformers 4.45.1): `python train_losses.py GGUF_DIR`. Prints one JSON line.
 The setup is the shared anchor's (SmolLM2-135M-Instruct float32, LoReFT rank 4 at layers 8/16/24, f1+l1 tied,
-batch 8, 3 epochs, lr 4e-3, the 32 "What is a plus b?" pairs), with two differences. Every step's loss is kept, so
+batch 8, 3 epochs, lr 4e-3, the 32 "What is a plus b?" pairs), with these differences. Every step's loss is kept, so
 the loss curve can be laid beside reftkit's step by step. And pyreft trains on exactly the token sequences reftkit
 trains on: transformers 4.45's GGUF tokenizer reads SmolLM2's end-of-sequence token as `<|im_start|>` (the chat
 turn ends with `<|im_end|>`) and prepends a BOS `<|im_start|>` to text whose chat template already starts with it.
 The anchor keeps those, so its examples start with two `<|im_start|>` and end with a third, and the base model's
-loss on its answers is 3.9 nats per token instead of 2.9; here the tokenizer is set as SmolLM2's own.
+loss on its answers is 3.9 nats per token instead of 2.9; here the tokenizer is set as SmolLM2's own. The GGUF
+tokenizer also pads on the left, which moves pyreft's hand-computed first/last positions off the prompt in padded
+rows; pyreft's own examples pad on the right, as here.
 """
 import json
 import os
@@ -26,6 +28,7 @@ model.lm_head.weight = model.model.embed_tokens.weight  # the 4.45 GGUF loader l
 tok.model_max_length = 2048
 tok.add_bos_token = False  # the chat template writes the leading <|im_start|> itself
 tok.eos_token = tok.pad_token = "<|im_end|>"  # SmolLM2's end of turn (and reftkit's pad)
+tok.padding_side = "right"  # pyreft's positions are counted from the left edge of the unpadded prompt
 width, layers = model.config.hidden_size, [8, 16, 24]
 reps = [{"layer": layer, "component": f"model.layers[{layer}].output", "low_rank_dimension": 4,
          "intervention": pyreft.LoreftIntervention(embed_dim=width, low_rank_dimension=4, dtype=torch.float32)}
