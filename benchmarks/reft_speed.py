@@ -10,7 +10,8 @@ Same model (SmolLM2-135M-Instruct, float32), data (32 "What is a plus b?" pairs)
 8/16/24, positions f1+l1 tied, batch 8, 3 epochs, lr 4e-3 decaying linearly, gradients clipped at norm 1.0. Each
 measurement runs in its own process (peak RSS is per process); reftkit and pyreft runs alternate, and medians are
 reported. pyreft's per-step losses come from benchmarks/pyreft_side/train_losses.py (the anchor prints only the
-Trainer's mean). Results go to benchmarks/results/reft_speed.json.
+Trainer's mean, and its tokenizer settings change the tokens: see that script). Results go to
+benchmarks/results/reft_speed.json.
 """
 
 from __future__ import annotations
@@ -189,18 +190,16 @@ def main() -> None:
         "gen_overhead": inference["gen_overhead"],
         "pyreft_fwd_overhead": med("fwd_overhead", "pyreft"),
         "pyreft_gen_overhead": med("gen_overhead", "pyreft"),
-        "mixed_adapter_speedup_16_tokens": inference["mixed_16"]["mixed_speedup"],
-        "mixed_adapter_speedup_32_tokens": inference["mixed_32"]["mixed_speedup"],
-        "plain_batch_speedup_16_tokens": inference["mixed_16"]["plain_batch_speedup"],
-        "plain_batch_speedup_32_tokens": inference["mixed_32"]["plain_batch_speedup"],
-        "mixed_adapter_speedup_64_tokens": inference["mixed_64"]["mixed_speedup"],
-        "plain_batch_speedup_64_tokens": inference["mixed_64"]["plain_batch_speedup"],
     }
+    for n_new in (16, 32, 64):
+        summary[f"mixed_adapter_speedup_{n_new}_tokens"] = inference[f"mixed_{n_new}"]["mixed_speedup"]
+        summary[f"plain_batch_speedup_{n_new}_tokens"] = inference[f"mixed_{n_new}"]["plain_batch_speedup"]
     if pyreft_curve:  # step-by-step loss curves (the anchor itself reports only Trainer's mean loss)
         ours = runs["reftkit_fp32"][0]["losses"]
         summary["loss_curves"] = {"pyreft": pyreft_curve["losses"], "reftkit_fp32": [round(x, 4) for x in ours],
                                   "reftkit_bf16": [round(x, 4) for x in runs["reftkit_bf16"][0]["losses"]],
-                                  "pyreft_mean": pyreft_curve["mean_loss"], "pyreft_final": pyreft_curve["final_loss"], "reftkit_fp32_mean": sum(ours) / len(ours)}
+                                  "pyreft_mean": pyreft_curve["mean_loss"], "pyreft_final": pyreft_curve["final_loss"],
+                                  "reftkit_fp32_mean": sum(ours) / len(ours)}
     if summary["pyreft_s_per_step"]:
         summary["speedup_fp32_vs_pyreft"] = summary["pyreft_s_per_step"] / summary["reftkit_fp32_s_per_step"]
         summary["speedup_bf16_vs_pyreft"] = summary["pyreft_s_per_step"] / summary["reftkit_bf16_s_per_step"]
