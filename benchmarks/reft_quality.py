@@ -40,6 +40,7 @@ runs a tiny smoke version into `reft_quality_quick.{json,png}`.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime as _dt
 import hashlib
 import json
@@ -192,7 +193,7 @@ CATEGORY_QUESTIONS = ("Which of these is {c}: {x} or {y}?", "Which one is {c}: {
 SENTIMENT_WORDS = {
     "positive": ["wonderful", "excellent", "delightful", "fantastic", "superb", "lovely", "brilliant", "pleasant",
                  "outstanding", "charming", "marvellous", "terrific", "amazing", "great", "enjoyable", "perfect"],
-    "negative": ["terrible", "awful", "dreadful", "horrible", "disappointing", "boring", "awful", "poor",
+    "negative": ["terrible", "awful", "dreadful", "horrible", "disappointing", "boring", "poor",
                  "miserable", "unpleasant", "disgusting", "mediocre", "dull", "annoying", "bad", "horrendous"],
 }
 SENTIMENT_SUBJECTS = ["The food", "The service", "The hotel room", "The film", "The concert", "The book",
@@ -290,13 +291,11 @@ def _categories(cfg: dict, rng: random.Random) -> tuple[list[dict], list[dict]]:
     def rows(members: dict, n: int) -> list[dict]:
         cands = [(c, m, o, oc) for c in members for m in members[c] for oc in members if oc != c for o in members[oc]]
         rng.shuffle(cands)
-        out, seen = [], set()
+        out, asked = [], collections.Counter()
         for c, m, o, _ in cands:
-            if (c, m) in seen:  # each member is asked about at most twice per category
+            if asked[m] == 2:  # each member is asked about at most twice
                 continue
-            if sum(1 for x in out if x["member"] == m) >= 2:
-                seen.add((c, m))
-                continue
+            asked[m] += 1
             options = [m, o]
             rng.shuffle(options)
             q = rng.choice(CATEGORY_QUESTIONS).format(c=("an " if c[0] in "aeiou" else "a ") + c, x=options[0],
@@ -314,7 +313,7 @@ def _categories(cfg: dict, rng: random.Random) -> tuple[list[dict], list[dict]]:
 
 def _sentiment(cfg: dict, rng: random.Random) -> tuple[list[dict], list[dict]]:
     """A review made of a subject, a template and a sentiment adjective; test adjectives and subjects are new."""
-    words = {k: sorted(set(v)) for k, v in SENTIMENT_WORDS.items()}
+    words = {k: sorted(v) for k, v in SENTIMENT_WORDS.items()}
     subjects = list(SENTIMENT_SUBJECTS)
     rng.shuffle(subjects)
     split_w = {}
