@@ -77,7 +77,7 @@ FULL = {
     "lr_grid": {"loreft": [2e-3, 4e-3], "direft": [2e-3, 4e-3], "lora": [1e-3, 2e-3]},
     "weight_decay": 0.0,
     "memorisation": {"layer": 15, "rank": 1, "positions": "l1", "prompt": "Recite the secret sequence:",
-                     "lengths": [16, 32, 64, 128, 256, 512, 1024, 2048], "max_steps": 400, "lr": 5e-2,
+                     "lengths": [16, 32, 64, 128, 256, 512, 1024, 2048], "max_steps": 1500, "lr": 5e-2,
                      "warmup_steps": 10},
 }
 
@@ -845,6 +845,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default="core",
                     help=f"'core' ({', '.join(CORE_TASKS)}), 'all' (adds {', '.join(EXTRA_TASKS)}) or a comma list")
     ap.add_argument("--skip-memorisation", action="store_true")
+    ap.add_argument("--memorisation-steps", type=int, default=None,
+                    help=f"step budget per memorisation length (default {FULL['memorisation']['max_steps']})")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default 2; on a machine shared with other jobs 1 can be faster)")
     a = ap.parse_args(argv)
@@ -856,6 +858,8 @@ def main(argv=None) -> int:
     cfg = dict(QUICK if a.quick else FULL)
     if a.threads:
         cfg["threads"] = a.threads
+    if a.memorisation_steps:
+        cfg["memorisation"] = {**cfg["memorisation"], "max_steps": a.memorisation_steps}
     torch.set_num_threads(cfg["threads"])
     out_dir = Path(a.out_dir)
     stem = "reft_quality_quick" if a.quick else "reft_quality"
