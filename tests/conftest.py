@@ -3,8 +3,25 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from reftkit.models import TINY_FAMILIES, build_tiny_model, build_tiny_tokenizer, load_model
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread(request):
+    """Tests run on one torch thread: tiny models' operations are too small for a second thread to help, and on a
+    shared machine two threads spin-waiting on each other cost more than the work. A module that sets
+    `KEEP_THREADS = True` (real-model timing-sensitive tests) keeps torch's default."""
+    if getattr(request.module, "KEEP_THREADS", False):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 
 DECODER_FAMILIES = [family for family, (_, kind, _) in TINY_FAMILIES.items() if kind == "causal-lm"]
 ENCODER_FAMILIES = [family for family, (_, kind, _) in TINY_FAMILIES.items() if kind == "encoder"]

@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 from engine_util import main_output, plain, token_ids
-from engine_util import one_thread  # noqa: F401  (autouse: one torch thread per test)
 
 from reftkit.engine import Binding, IntervenableModel
 from reftkit.errors import InterventionError, PositionError, ReftkitError, SourceError

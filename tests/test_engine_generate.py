@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_util import left_pad, token_ids
-from engine_util import one_thread  # noqa: F401  (autouse: one torch thread per test)
 
 from reftkit.engine import Binding, IntervenableModel
 from reftkit.interventions.basic import AddIntervention, CollectIntervention, ReplaceIntervention

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_util import main_output, plain, token_ids
-from engine_util import one_thread  # noqa: F401  (autouse: one torch thread per test)
 
 from reftkit.engine import Binding, IntervenableModel
 from reftkit.interventions import build_intervention

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from engine_util import main_output, token_ids
-from engine_util import one_thread  # noqa: F401  (autouse: one torch thread per test)
 
 import reftkit
 from reftkit import io

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_util import left_pad, main_output, position_ids, right_pad, token_ids
-from engine_util import one_thread  # noqa: F401  (autouse: one torch thread per test)
 
 from reftkit.engine import Binding, IntervenableModel
 from reftkit.errors import PositionError

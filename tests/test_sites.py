@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_util import ENCODERS, FAMILIES, main_output, plain, token_ids
-from engine_util import one_thread  # noqa: F401  (autouse: one torch thread per test)
 
 from reftkit import archs
 from reftkit.engine import Binding, IntervenableModel

@@ -7,6 +7,8 @@ import torch
 
 from reftkit.analysis.patching import LogitDifference, activation_patching
 
+KEEP_THREADS = True  # the real model is large enough for torch's default threads
+
 
 @pytest.mark.real_model
 def test_smollm2_replay_matches_engine(smollm2):

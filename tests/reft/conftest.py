@@ -1,4 +1,4 @@
-"""Fixtures for the ReFT tests: tiny models that can learn, small datasets, and one thread per test.
+"""Fixtures for the ReFT tests: tiny models that can learn and small datasets.
 
 The default tiny models are initialised with std 0.02, which together with the final norm caps every logit near
 1: no adapter can bring a loss far below log(vocab) there. Tests that check learning build the tiny Llama with
@@ -7,20 +7,10 @@ The default tiny models are initialised with std 0.02, which together with the f
 from __future__ import annotations
 
 import pytest
-import torch
 
 from reftkit.models import build_tiny_model, build_tiny_tokenizer
 
 ANIMALS = [("cat", "meow"), ("dog", "woof"), ("cow", "moo"), ("owl", "hoot")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and least disturbed by other processes) on one thread."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture
