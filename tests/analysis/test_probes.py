@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import assert_close
 
 from reftkit.analysis.probes import collect_vectors, control_labels, fit_probe, probe_layers
 from reftkit.errors import DataError
+
+pytestmark = pytest.mark.numerics  # compared with references: rerun under a second CPU code path
 
 
 def test_probe_separates_linear_classes_and_not_noise():
@@ -43,7 +46,7 @@ def test_collected_vectors_are_the_last_real_tokens(tiny_llama):
         ids = tokenizer(text, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
-        assert torch.allclose(vectors[0, i], hidden[2][0, -1], atol=1e-5)  # hidden_states[l + 1] = block l output
+        assert_close(vectors[0, i], hidden[2][0, -1])  # hidden_states[l + 1] = block l output
     first = collect_vectors(model, texts, tokenizer=tokenizer, layers=[0], positions=torch.tensor([0, 1, 0]))
     assert first.shape == (1, 3, 64)
     with pytest.raises(DataError, match="one vector per example"):

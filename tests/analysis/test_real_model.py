@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import assert_close
 
 from reftkit.analysis.patching import LogitDifference, activation_patching
+
+pytestmark = pytest.mark.numerics  # compared with references: rerun under a second CPU code path
 
 KEEP_THREADS = True  # the real model is large enough for torch's default threads
 
@@ -20,4 +23,4 @@ def test_smollm2_replay_matches_engine(smollm2):
     fast = activation_patching(model, clean, corrupted, metric, method="replay", **kwargs)
     slow = activation_patching(model, clean, corrupted, metric, method="engine", **kwargs)
     assert fast.clean[0] > 0 > fast.corrupted[0]  # the model prefers Paris for the tower, Rome for the Colosseum
-    assert torch.allclose(fast.effects, slow.effects, atol=1e-3)
+    assert_close(fast.effects, slow.effects)

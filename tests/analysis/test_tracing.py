@@ -8,6 +8,7 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
+from numerics import assert_close
 
 from reftkit.analysis.tracing import causal_trace, embedding_std
 from reftkit.analysis.text import find_subject
@@ -15,6 +16,8 @@ from reftkit.cli import main
 from reftkit.errors import DataError
 
 from .reference import embedding_noise_hook, patched_logits, record
+
+pytestmark = pytest.mark.numerics  # compared with references: rerun under a second CPU code path
 
 PROMPT, SUBJECT = "Rome is in", "Rome"
 
@@ -54,8 +57,8 @@ def test_trace_matches_reference(tiny_llama, traced):
             assert abs(float(traced.grids[c][l, t]) - want) < 1e-5, (c, l, t)
     # before the subject nothing is corrupted; the last block at the last token holds the clean prediction
     for g in traced.grids.values():
-        assert torch.allclose(g[:, 0], torch.full((L,), traced.corrupted_prob))
-    assert abs(float(traced.grids["block_output"][L - 1, T - 1]) - traced.clean_prob) < 1e-5
+        assert_close(g[:, 0], torch.full((L,), traced.corrupted_prob))
+    assert_close(traced.grids["block_output"][L - 1, T - 1], torch.tensor(traced.clean_prob, dtype=torch.float32))
 
 
 def test_engine_and_replay_agree(tiny_model):
@@ -63,9 +66,10 @@ def test_engine_and_replay_agree(tiny_model):
     a = causal_trace(model, tokenizer, PROMPT, SUBJECT, samples=2, method="engine", chunk_size=50)
     b = causal_trace(model, tokenizer, PROMPT, SUBJECT, samples=2, method="replay", chunk_size=50)
     for c in a.grids:
-        assert torch.allclose(a.grids[c], b.grids[c], atol=1e-6)
+        assert_close(a.grids[c], b.grids[c])
     again = causal_trace(model, tokenizer, PROMPT, SUBJECT, samples=2, chunk_size=7)
-    assert all(torch.allclose(a.grids[c], again.grids[c], atol=1e-6) for c in a.grids)  # seeded, chunk-free
+    for c in a.grids:  # seeded noise: another chunking gives the same grids
+        assert_close(again.grids[c], a.grids[c])
 
 
 def test_bad_inputs(tiny_llama):
