@@ -7,7 +7,9 @@ import sys
 
 import pytest
 import torch
-from numerics import assert_close
+from numerics import assert_close, assert_identical
+from torch import nn
+from torch.nn.utils import parametrize
 from engine_util import main_output, plain, token_ids
 
 from reftkit.engine import Binding, IntervenableModel
@@ -16,6 +18,7 @@ from reftkit.interventions import build_intervention
 from reftkit.interventions.basic import (AddIntervention, CallableIntervention, CollectIntervention,
                                          ReplaceIntervention, ScaleIntervention)
 from reftkit.models import build_tiny_model
+from reftkit.sites import resolve_site
 
 pytestmark = pytest.mark.numerics  # compared with references: rerun under a second CPU code path
 
@@ -270,3 +273,65 @@ def test_inference_mode_then_gradients(tiny_llama):
         out = main_output(im(input_ids=ids))
         out.sum().backward()
     assert torch.equal(out.detach(), first) and iv.learned_source.weight.grad.abs().sum() > 0
+
+
+def test_without_torchs_private_cache_every_call_computes_its_rotation_once_with_identical_results(
+        tiny_llama, monkeypatch):
+    """Reuse across gradient-free calls reads torch's private `parametrize._cache`. Where a torch release moves it,
+    the engine falls back to public `parametrize.cached()`: the same outputs, bit for bit, and each rotation is
+    still computed once per forward (never per binding, position or layer that shares it)."""
+    import types
+
+    import reftkit.calls as calls
+
+    model = tiny_llama[0]
+    ids = token_ids()
+    iv = _loreft(0)
+    computed = []
+    iv.rotate_layer.parametrizations.weight[0].register_forward_hook(lambda *a: computed.append(1))
+    bindings = [Binding("L1.block_output", iv), Binding("L2.block_output", iv)]  # one rotation, two sites
+
+    def outputs():
+        computed.clear()
+        with IntervenableModel(model, bindings, default_positions="f2+l2") as im, torch.no_grad():
+            return [main_output(im(input_ids=ids)) for _ in range(4)], len(computed)
+
+    reused, reused_count = outputs()
+    public_only = types.SimpleNamespace(is_parametrized=parametrize.is_parametrized)  # no `_cache` attribute
+    monkeypatch.setattr(calls, "parametrize", public_only)
+    fallback, fallback_count = outputs()
+    assert reused_count == 1  # computed by the first call, reused by the next three
+    assert fallback_count == 4  # once per forward
+    for a, b in zip(fallback, reused):
+        assert_identical(a, b)
+
+
+def test_a_raw_module_without_a_declared_width_is_checked_at_its_first_activation():
+    """A module site whose module declares no width (an activation, a custom block) on a model without a config:
+    the width is not guessed; the intervention is checked against the first vectors it sees."""
+    class Act(nn.Module):
+        def forward(self, x):
+            return torch.tanh(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.act, self.down = nn.Linear(8, 24), Act(), nn.Linear(24, 8)
+
+        def forward(self, input_ids=None, attention_mask=None):
+            return self.down(self.act(self.up(input_ids)))
+
+    torch.manual_seed(0)
+    net = Net()
+    x, mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.long)
+    assert resolve_site(net, "module:act").width is None
+    assert resolve_site(net, "module:up").width == 24
+    fits = build_intervention({"type": "loreft", "config": {"embed_dim": 24, "low_rank_dimension": 2}})
+    with IntervenableModel(net, Binding("module:act", fits), default_positions="l1") as im:
+        with torch.no_grad():
+            edited = im(input_ids=x, attention_mask=mask)
+    assert edited.shape == (2, 5, 8) and not torch.equal(edited, net(x))
+    wrong = build_intervention({"type": "loreft", "config": {"embed_dim": 16, "low_rank_dimension": 2}})
+    with IntervenableModel(net, Binding("module:act", wrong), default_positions="l1") as im:
+        with pytest.raises(InterventionError, match="expects vectors of width 16, got 24"):
+            im(input_ids=x, attention_mask=mask)

@@ -93,11 +93,11 @@ class IntervenableModel(nn.Module):
             ss = resolve_site(model, Site.parse(b.source_site)) if b.source_site is not None else rs
             name = unique_name(b.name or site.name, {x.name for x in self.bindings})
             d = b.intervention.embed_dim
-            if d is not None and d != rs.width:
+            if d is not None and rs.width is not None and d != rs.width:  # unknown widths: checked at first use
                 raise InterventionError(
                     f"binding {name!r}: the intervention expects width {d} but site {site.name} has width {rs.width}"
                 )
-            if ss is not rs and ss.width != rs.width:
+            if ss is not rs and None not in (ss.width, rs.width) and ss.width != rs.width:
                 raise SiteError(f"binding {name!r}: source site {ss.site.name} has width {ss.width} but site "
                                 f"{site.name} has width {rs.width}; cross-site patching needs equal widths")
             if not isinstance(b.source, int) or b.source < 0:
@@ -223,7 +223,8 @@ class IntervenableModel(nn.Module):
         ids = kwargs.get("input_ids")
         if ids is None:
             ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("inputs_embeds")
-        cache = kwargs.get("past_key_values")  # transformers caches report their length from tensor shapes
+        # the cache is `cache` in current transformers, `past_key_values` in older ones; it reports its length
+        cache = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
         generation_step(call, ids, int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else None)
         return None
 

@@ -112,7 +112,7 @@ class ResolvedSite:
     side: str  # "input" | "output"
     index: int  # tuple element (output) or positional argument (input) that carries the tensor
     dims: "slice | torch.Tensor | None"  # part of the last dimension addressed: a slice, an index tensor, None = all
-    width: int  # size of the addressed vectors
+    width: int | None  # size of the addressed vectors; None: a raw module that does not declare it (read at its first activation)
     flat_tokens: bool = False  # the tensor is [batch * seq, width] (MoE routers) rather than [batch, seq, width]
 
 
@@ -184,7 +184,7 @@ def _first(block: nn.Module, candidates, under: str = "") -> tuple[str, nn.Modul
     return None
 
 
-def _width(mod: nn.Module, side: str, default: int) -> int:
+def _width(mod: nn.Module, side: str, default: "int | None") -> "int | None":
     """Width of a projection's output or input. Linear layers and their wrappers (PEFT LoRA, quantised linears)
     expose `in_features` / `out_features`; GPT-2's Conv1D stores `weight [in, out]` and `nf` = out."""
     if type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None:
@@ -211,9 +211,9 @@ def resolve_site(model: nn.Module, site: "Site | str") -> ResolvedSite:
         mod = _get(model, site.module)
         if mod is None:
             raise SiteError(f"no module at path {site.module!r}; see model.named_modules() for valid paths")
-        dims = model_dims(model) if getattr(model, "config", None) is not None else None
-        width = _width(mod, site.side, dims.hidden if dims else -1)
-        return ResolvedSite(site, mod, site.module, site.side, 0, None, width)
+        # a module that does not declare its width (an activation, a custom block) is not guessed from the
+        # model's hidden size: the engine checks the intervention against the vectors of the first activation
+        return ResolvedSite(site, mod, site.module, site.side, 0, None, _width(mod, site.side, None))
 
     dims = model_dims(model)
     if site.component == "embedding":
