@@ -310,3 +310,35 @@ def test_gguf_path_of_the_builtin_file_reuses_its_cache(smollm2, caplog):
     assert "using cached conversion" in caplog.text
     assert Path(model.name_or_path) == Path(smollm2[0].name_or_path)
     assert tokenizer.model_max_length == 8192
+
+
+def test_folder_without_tokenizer_files_says_what_is_missing_and_how_to_fix_it(tmp_path):
+    build_tiny_model("llama").save_pretrained(tmp_path)  # weights and config, no tokenizer
+    with pytest.raises(ModelNotFoundError) as info:
+        load_model(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path) in message and "no tokenizer files" in message and "tokenizer.json" in message
+    assert f"tokenizer.save_pretrained('{tmp_path}')" in message and "sentencepiece" not in message
+
+
+def test_folder_with_a_tokenizer_config_but_no_vocabulary_says_so(tmp_path):
+    build_tiny_model("llama").save_pretrained(tmp_path)
+    build_tiny_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()  # tokenizer_config.json stays
+    with pytest.raises(ModelNotFoundError, match="has tokenizer_config.json but no vocabulary") as info:
+        load_model(tmp_path)
+    assert "tokenizer.save_pretrained" in str(info.value) and "sentencepiece" not in str(info.value)
+    build_tiny_tokenizer().save_pretrained(tmp_path)  # the fix the message gives
+    assert type(load_model(tmp_path)[0]).__name__ == "LlamaForCausalLM"
+
+
+def test_importing_models_and_listing_them_needs_no_torch():
+    code = ("import sys, reftkit.models as m; rows = m.list_models(); names = m.builtin_names(); "
+            "print(len(rows) == len(names), 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["True", "False"]
+
+
+def test_load_model_defaults_to_float32():
+    assert load_model("tiny-llama")[0].dtype == torch.float32
+    assert load_model("tiny-llama", dtype=torch.float16)[0].dtype == torch.float16

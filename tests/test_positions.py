@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import assert_close
 from engine_util import left_pad, main_output, position_ids, right_pad, token_ids
 
 from reftkit.engine import Binding, IntervenableModel
 from reftkit.errors import PositionError
 from reftkit.interventions.basic import AddIntervention, CollectIntervention
 from reftkit.positions import Positions
+
+pytestmark = pytest.mark.numerics  # compared with references: rerun under a second CPU code path
 
 
 def _picked(loc) -> list[list[int]]:
@@ -65,10 +68,32 @@ def test_spans_shared_and_per_example():
     region = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     loc = Positions.span(torch.tensor([0, 2]), torch.tensor([2, 5])).resolve(region)
     assert _picked(loc) == [[1, 2], [2, 3, 4]]
-    with pytest.raises(PositionError, match="past the real tokens"):
-        Positions.parse("span:2:6").resolve(region)
     with pytest.raises(PositionError, match="0 <= start <= end"):
         Positions.span(3, 1).resolve(region)
+    with pytest.raises(PositionError, match="0 <= start <= end"):
+        Positions.span(torch.tensor([0, -1]), 2).resolve(region)
+
+
+def test_short_rows_clamp_first_last_and_spans_alike():
+    """One rule for selectors counted over real tokens: they are clipped to each row's real tokens."""
+    region = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)  # 3 and 6 real tokens
+    assert _picked(Positions.parse("f50").resolve(region)) == [[3, 4, 5], [0, 1, 2, 3, 4, 5]]
+    assert _picked(Positions.parse("span:0:50").resolve(region)) == [[3, 4, 5], [0, 1, 2, 3, 4, 5]]
+    assert _picked(Positions.parse("l4").resolve(region)) == [[3, 4, 5], [2, 3, 4, 5]]
+    # f/l together: each token of a short row at most once, the first part taking at most half (rounded up)
+    assert _picked(Positions.parse("f5+l5").resolve(region)) == [[3, 4, 5], [0, 1, 2, 3, 4, 5]]
+    # a span keeps its part inside the real tokens; one that starts past the end selects nothing in that row
+    loc = Positions.parse("span:2:6").resolve(region)
+    assert _picked(loc) == [[5], [2, 3, 4, 5]] and loc.row_valid.tolist() == [True, True]
+    loc = Positions.parse("span:4:6").resolve(region)
+    assert _picked(loc) == [[], [4, 5]] and loc.row_valid.tolist() == [False, True]
+    # the unpadded fast path follows the same rule
+    nine = torch.ones(1, 9, dtype=torch.bool)
+    assert _picked(Positions.parse("f50").resolve(nine)) == _picked(Positions.parse("span:0:50").resolve(nine))
+    assert _picked(Positions.parse("f50").resolve(nine)) == [list(range(9))]
+    # absolute index positions are not counts over real tokens: outside the sequence stays an error
+    with pytest.raises(PositionError, match="must lie in"):
+        Positions.indices([[12]]).resolve(nine)
 
 
 def test_indices_tensor_and_nested_lists():
@@ -149,8 +174,8 @@ def test_left_and_right_padding_give_the_same_intervened_outputs(tiny_model, fam
         logits = main_output(res.output)
         outs[side] = ([logits[i][mask[i].bool()] for i in range(2)], res.collected["L2.mlp_output"])
     for a, b in zip(outs["left"][0], outs["right"][0]):
-        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
-    torch.testing.assert_close(outs["left"][1], outs["right"][1], rtol=0, atol=2e-5)
+        assert_close(a, b)
+    assert_close(outs["left"][1], outs["right"][1])
 
 
 def test_padded_slots_write_once_and_empty_rows_stay_untouched(tiny_llama):

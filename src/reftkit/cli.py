@@ -2,17 +2,27 @@
 
 Design decisions
 - Thin: parse arguments, call the library, format the result. This is the only module that prints.
-- Every subcommand is one entry of `COMMANDS` (name -> `Command(add_arguments, run, help)`); `run(args)`
-  returns the exit code. New subcommands are added by adding an entry, nothing else.
-- `--json` and `--debug` are accepted before and after the subcommand: they live on the top-level parser and
-  are repeated on each subparser with `argparse.SUPPRESS` defaults, so a flag given in either place wins.
+- Every subcommand is one entry of `COMMANDS` (name -> `Command(add_arguments, run, help, loads_models)`);
+  `run(args)` returns the exit code. New subcommands are added by adding an entry, nothing else. Every option
+  has a help line, and every option with a value shows its default (`%(default)s`).
+- `--json`, `--verbose` and `--debug` are accepted before and after the subcommand: they live on the top-level
+  parser and are repeated on each subparser with `argparse.SUPPRESS` defaults, so a flag given in either place
+  wins (options that later apply to every command, such as a device or dtype, belong in `_global_options`).
 - stdout carries only results (a table or one JSON document); status lines, progress bars and logs go to stderr.
-- Errors print one line `error: <message>` on stderr and exit 2; `--debug` adds the traceback.
+  A reader that closes stdout early (`reftkit models list | head -1`) ends the command quietly with status 0.
+- transformers' own output (its "Loading weights" bars, load reports and warnings) is silenced for commands
+  that load models, unless `--verbose` or `--debug`; its settings are restored when the command ends, so calling
+  `main` in-process leaves them as they were. Commands that load nothing (`models list`) import neither torch
+  nor transformers, so they answer at once.
+- Errors print one line `error: <message>` on stderr and exit 2; `--debug` adds the traceback. Usage errors
+  (unknown option, missing or malformed argument) are one such line too, naming the `--help` to read; `reftkit`
+  without a command prints the help on stderr and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +40,7 @@ class Command(NamedTuple):
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
     help: str
+    loads_models: bool = True  # False: runs without transformers (and its output settings are not touched)
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -54,13 +65,9 @@ def _positive_int(text: str) -> int:
 
 
 def load_for_cli(name: str, args: argparse.Namespace, **kwargs: Any):
-    """Load a model with a status line; quiets transformers' warnings unless --debug."""
-    from transformers.utils import logging as transformers_logging
-
+    """Load a model with a status line (transformers' own output is handled by `main`, see `quiet_transformers`)."""
     from reftkit.models import load_model
 
-    if not args.debug:
-        transformers_logging.set_verbosity_error()
     status(f"loading {name}")
     return load_model(name, **kwargs)
 
@@ -94,6 +101,9 @@ def _print_replies(args: argparse.Namespace, model_name: str, prompts: list[str]
 
 # ------------------------------------------------------------------------------------------------ commands
 
+MODEL_HELP = "a built-in name (see `reftkit models list`), a Hugging Face folder or a .gguf file (default %(default)s)"
+
+
 def _add_models_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="models_action", metavar="ACTION", required=True)
     actions.add_parser("list", help="list the built-in models", parents=[_global_options(suppress=True)])
@@ -115,9 +125,10 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
-    parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt (required); repeat for a batch")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N",
+                        help="most tokens generated per reply, greedily (default %(default)s)")
     parser.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     parser.add_argument("--adapter", metavar="DIR", help="a folder of saved ReFT interventions to apply")
 
@@ -136,19 +147,53 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="examples/caps.yaml", help="training recipe (default examples/caps.yaml)")
+    parser.add_argument("--config", help="training recipe (default: the caps.yaml shipped with reftkit)")
     parser.add_argument("--heldout", help="JSONL of held-out prompts (default: caps_heldout.jsonl beside the data)")
+    parser.add_argument("--output-dir", default="runs/demo", help="run folder (default runs/demo)")
+    _add_run_folder_arguments(parser)
+
+
+def _add_run_folder_arguments(parser: argparse.ArgumentParser) -> None:
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in the output folder from its checkpoint")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="replace the run in the output folder (the old one stays until the new one is complete)")
+
+
+def _on_interrupt(command: str, output_dir: str, cfg: dict) -> str:
+    """The line that tells how to continue a run that Ctrl-C stopped."""
+    from reftkit.reft.recipe import find_checkpoint
+
+    found = find_checkpoint(output_dir)
+    if found is not None:
+        folder, step = found
+        return f"the checkpoint of step {step} is in {folder}; continue with: {command} --resume"
+    save_every = (cfg.get("train") or {}).get("save_every") or 0
+    if save_every:
+        return f"no checkpoint was written yet (one every {save_every} steps); run {command} to start again"
+    return "no checkpoint was written: set train.save_every in the recipe to make runs resumable with --resume"
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from reftkit.reft.demo import run_demo
+    import shlex
+
+    from reftkit.reft.demo import demo_setup, run_demo
 
     if not args.debug:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.set_verbosity_error()
-    status(f"training a LoReFT adapter from {args.config}")
-    result = run_demo(args.config, args.heldout, progress=not args.json)
+    cfg, _ = demo_setup(args.config, args.heldout, args.output_dir)
+    status(f"training a LoReFT adapter from {args.config or 'the built-in caps.yaml'} -> {cfg['output_dir']}")
+    try:
+        result = run_demo(args.config, args.heldout, output_dir=args.output_dir, resume=args.resume,
+                          overwrite=args.overwrite, progress=not args.json)
+    except KeyboardInterrupt:
+        command = "reftkit demo" + "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in
+                                            (("--config", args.config), ("--heldout", args.heldout),
+                                             ("--output-dir", args.output_dir)) if value)
+        args.on_interrupt = _on_interrupt(command, cfg["output_dir"], cfg)
+        raise
     if args.json:
         emit_json(result)
         return 0
@@ -172,11 +217,14 @@ def _one_line(text: str, width: int = 100) -> str:
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="a YAML training recipe (see examples/)")
-    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
+    parser.add_argument("config", help="a YAML training recipe (see examples/); its relative paths are relative to "
+                                       "its folder")
+    _add_run_folder_arguments(parser)
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    import shlex
+
     from reftkit.reft.recipe import load_recipe, run_recipe
 
     cfg = load_recipe(args.config)
@@ -185,7 +233,11 @@ def _run_train(args: argparse.Namespace) -> int:
 
         transformers_logging.set_verbosity_error()
     status(f"training {cfg.get('reft', {}).get('method', 'loreft')} on {cfg['model']} -> {cfg['output_dir']}")
-    metrics = run_recipe(cfg, resume=args.resume, progress=not args.json)
+    try:
+        metrics = run_recipe(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.json)
+    except KeyboardInterrupt:
+        args.on_interrupt = _on_interrupt(f"reftkit train {shlex.quote(args.config)}", cfg["output_dir"], cfg)
+        raise
     if args.json:
         emit_json(metrics)
         return 0
@@ -201,14 +253,19 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     parser.add_argument("--adapter", metavar="DIR", help="a saved adapter (omit to evaluate the base model)")
-    parser.add_argument("--data", required=True, help="JSONL/CSV rows (prompt/completion, text/label, ...)")
-    parser.add_argument("--task", default="sft", choices=("sft", "classification", "dpo"))
-    parser.add_argument("--num-labels", type=_positive_int, default=2)
+    parser.add_argument("--data", required=True, help="JSONL/CSV rows (prompt/completion, text/label, ...; required)")
+    parser.add_argument("--task", default="sft", choices=("sft", "classification", "dpo"),
+                        help="sft: completion loss; classification: loss and accuracy of a classification head; "
+                             "dpo: preference loss and accuracy (default %(default)s)")
+    parser.add_argument("--num-labels", type=_positive_int, default=2, metavar="N",
+                        help="classes of the classification head (task classification; default %(default)s)")
     parser.add_argument("--label-names", help="comma-separated label names, for string labels (classification)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
-    parser.add_argument("--max-length", type=_positive_int, default=512)
+    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+                        help="examples per forward (default %(default)s)")
+    parser.add_argument("--max-length", type=_positive_int, default=512, metavar="N",
+                        help="longest example in tokens; a longer one is an error (default %(default)s)")
     parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template to prompts")
 
 
@@ -229,16 +286,18 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _add_trace_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
-    parser.add_argument("--prompt", required=True, help="the factual prompt (no chat template is applied)")
-    parser.add_argument("--subject", required=True, help="the subject, as it appears in the prompt")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    parser.add_argument("--prompt", required=True, help="the factual prompt (required; no chat template is applied)")
+    parser.add_argument("--subject", required=True, help="the subject, as it appears in the prompt (required)")
     parser.add_argument("--target", help="the one-token answer (default: the model's greedy prediction)")
-    parser.add_argument("--samples", type=_positive_int, default=5, help="noise samples (default 5)")
-    parser.add_argument("--noise", type=float, default=3.0, help="noise std in embedding stds (default 3)")
-    parser.add_argument("--window", type=_positive_int, default=10, help="layers restored together for MLP and "
-                        "attention (default 10)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="trace", help="folder for the heatmaps (default ./trace)")
+    parser.add_argument("--samples", type=_positive_int, default=5, metavar="N",
+                        help="noise samples (default %(default)s)")
+    parser.add_argument("--noise", type=float, default=3.0, metavar="STD",
+                        help="noise std, in standard deviations of the embeddings (default %(default)s)")
+    parser.add_argument("--window", type=_positive_int, default=10, metavar="N",
+                        help="layers restored together for MLP and attention (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise samples (default %(default)s)")
+    parser.add_argument("--out", default="trace", metavar="DIR", help="folder for the heatmaps (default %(default)s)")
     parser.add_argument("--no-plots", action="store_true", help="do not write heatmaps")
 
 
@@ -265,7 +324,7 @@ def _run_trace(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Command] = {
-    "models": Command(_add_models_arguments, _run_models, "built-in models (`models list`)"),
+    "models": Command(_add_models_arguments, _run_models, "built-in models (`models list`)", loads_models=False),
     "generate": Command(_add_generate_arguments, _run_generate, "greedy replies to prompts"),
     "train": Command(_add_train_arguments, _run_train, "train a ReFT adapter from a YAML recipe"),
     "eval": Command(_add_eval_arguments, _run_eval, "loss / accuracy of a model or adapter on a data file"),
@@ -276,19 +335,58 @@ COMMANDS: dict[str, Command] = {
 
 # ---------------------------------------------------------------------------------------------------- main
 
+class UsageError(Exception):
+    """A command line that the parser rejects; `main` prints it as one `error:` line and exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints the usage and `prog: error: ...` and exits; here an error is one line that names the
+    `--help` to read. Subparsers are made of the same class."""
+
+    def error(self, message: str):
+        raise UsageError(f"{' '.join(message.split())} (see '{self.prog} --help')")
+
+
+def package_version() -> str:
+    """The installed distribution's version, or `reftkit.__version__` when running from a source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("reftkit")
+    except PackageNotFoundError:
+        import reftkit
+
+        return getattr(reftkit, "__version__", "unknown")
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: like argparse's own, but the version is looked up only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"reftkit {package_version()}")
+        parser.exit(0)
+
+
 def _global_options(*, suppress: bool) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     default = argparse.SUPPRESS if suppress else False
-    parser.add_argument("--json", action="store_true", default=default, help="print results as JSON")
-    parser.add_argument("--debug", action="store_true", default=default, help="debug logs and tracebacks")
+    parser.add_argument("--json", action="store_true", default=default, help="print results as one JSON document")
+    parser.add_argument("--verbose", action="store_true", default=default,
+                        help="show transformers' own output: loading progress bars, load reports, warnings")
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="debug logs and tracebacks (implies --verbose)")
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="reftkit", parents=[_global_options(suppress=False)],
         description="Interventions on hidden representations and Representation Finetuning (ReFT).")
-    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in COMMANDS.items():
         sub = subcommands.add_parser(name, help=command.help, parents=[_global_options(suppress=True)])
         command.add_arguments(sub)
@@ -314,23 +412,56 @@ def _fail(exc: BaseException, debug: bool, *, with_type: bool) -> int:
     return 2
 
 
+@contextlib.contextmanager
+def quiet_transformers(quiet: bool = True):
+    """While the block runs, transformers' progress bars ("Loading weights", "Writing model shards") and its
+    logs (the coloured load report, warnings) are off when `quiet`; its previous settings come back afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    if quiet:
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if transformers_logging.is_progress_bar_enabled() != bars:
+            (transformers_logging.enable_progress_bar if bars else transformers_logging.disable_progress_bar)()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            where = f"reftkit {args.command}" if args.command else "reftkit"
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see '{where} --help')")
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
     _configure_logging(args.debug)
+    command = COMMANDS[args.command]
     try:
-        return COMMANDS[args.command].run(args)
+        with (quiet_transformers(not (args.verbose or args.debug)) if command.loads_models
+              else contextlib.nullcontext()):
+            code = command.run(args)
+        sys.stdout.flush()  # a reader that closed stdout early shows up here, inside the handlers below
+        return code
     except ReftkitError as exc:
         return _fail(exc, args.debug, with_type=False)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # one line; commands that can continue say how (`args.on_interrupt`)
+        hint = getattr(args, "on_interrupt", None)
+        print(f"reftkit: interrupted; {hint}" if hint else "reftkit: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # stdout closed early (`reftkit models list | head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    except BrokenPipeError:  # stdout closed early (`reftkit models list | head -1`): the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        return 0
     except Exception as exc:  # an unexpected failure still ends in one line, with the traceback under --debug
         return _fail(exc, args.debug, with_type=True)
 

@@ -22,6 +22,10 @@ Design decisions
 - Tiny models (`tiny-llama`, ...) are random, built from configs with no files, seeded inside
   `torch.random.fork_rng` so the caller's RNG is untouched, and identical for the same seed. They share a
   byte-level tokenizer (263 tokens, lossless on any text) with pad/bos/eos/unk and a ChatML chat template.
+- Importing this module imports neither torch nor transformers: `list_models` (and `reftkit models list`) read
+  the model tables without them; the functions that build or load a model import torch when called.
+- A local folder must hold its tokenizer (tokenizer.json, tokenizer_config.json or vocabulary files); one
+  without says so and how to fix it, instead of transformers' unrelated advice to install sentencepiece.
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from reftkit.errors import CacheError, ConfigError, MissingDependencyError, ModelNotFoundError, ReftkitError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -111,14 +116,18 @@ def list_models() -> list[dict[str, Any]]:
     return rows
 
 
-def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                task: str = "auto", num_labels: int | None = None, seed: int = 0) -> tuple[Any, Any]:
     """Load `(model, tokenizer)` from a built-in name, a local Hugging Face folder or a `.gguf` file.
 
     `task` is "auto" (causal LM for decoders, bare encoder for encoders), "causal-lm",
     "sequence-classification" (a new head, initialised with `seed`, with `num_labels` outputs) or
-    "feature-extraction" (alias "encoder"). The model is returned in eval mode on `device`.
+    "feature-extraction" (alias "encoder"). `dtype` defaults to float32. The model is returned in eval mode on
+    `device`.
     """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     name = str(name_or_path)
     extra = {} if num_labels is None else {"num_labels": num_labels}
     if name in BUILTINS:
@@ -143,7 +152,14 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.fl
             entry_name = "smollm2-135m-instruct" if same_file else f"gguf-{path.stem}"
             model, tokenizer = _load_cached(entry_name, path, _convert_gguf, task, dtype, seed, extra)
         elif path.is_dir() and (path / "config.json").is_file():
-            model, tokenizer = _load_folder(path, task, dtype, seed, extra)
+            _require_tokenizer_files(path)
+            try:
+                model, tokenizer = _load_folder(path, task, dtype, seed, extra)
+            except ValueError as exc:
+                error = _vocabulary_error(path, exc)
+                if error is None:
+                    raise
+                raise error from exc
         else:
             raise ModelNotFoundError(
                 f"unknown model {name!r}: expected a built-in name ({', '.join(builtin_names())}), "
@@ -157,6 +173,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.fl
 
 def build_tiny_model(family: str, *, task: str = "auto", seed: int = 0, **config_overrides: Any):
     """A small randomly initialised model of `family` ("llama", "tiny-llama", ...), same weights per seed."""
+    import torch
     from transformers import AutoConfig
 
     family = family[len("tiny-"):] if family.startswith("tiny-") else family
@@ -226,17 +243,56 @@ def _folder_kind(config) -> str:
 
 
 def _load_folder(folder: Path, task: str, dtype: torch.dtype, seed: int, extra: dict[str, Any]):
+    import torch
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(folder)
     task = _resolve_task(task, _folder_kind(config), str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(folder)  # before the weights: a broken tokenizer fails fast
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _auto_class(task).from_pretrained(folder, dtype=dtype, **extra)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     _fix_tokenizer(tokenizer, model)
     _ensure_tied(model)
     return model, tokenizer
+
+
+# files a saved tokenizer consists of: its config, and the vocabulary in one of the formats transformers reads
+_TOKENIZER_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+_TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+                               "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+_TOKENIZER_VOCABULARY_HINT = ("tokenizer.json, or vocabulary files such as vocab.json + merges.txt, vocab.txt or "
+                              "tokenizer.model")
+
+
+def _vocabulary_error(folder: Path, exc: ValueError) -> ModelNotFoundError | None:
+    """transformers' error for a tokenizer config without its vocabulary advises installing sentencepiece or
+    tiktoken; for a folder that has no vocabulary file, the error that says so (None for any other error)."""
+    if isinstance(exc, ReftkitError) or _has_vocabulary(folder):  # with a vocabulary, the advice may be right
+        return None
+    if "sentencepiece" not in str(exc) and "tiktoken" not in str(exc):
+        return None
+    present = " and ".join(name for name in _TOKENIZER_CONFIG_FILES if (folder / name).is_file())
+    return ModelNotFoundError(
+        f"the tokenizer in {folder} cannot be loaded: the folder has {present or 'a tokenizer config'} but no "
+        f"vocabulary ({_TOKENIZER_VOCABULARY_HINT}); save the tokenizer beside the model with "
+        f"tokenizer.save_pretrained({str(folder)!r})")
+
+
+def _has_vocabulary(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _TOKENIZER_VOCABULARY_FILES) or any(folder.glob("*.tiktoken"))
+
+
+def _require_tokenizer_files(folder: Path) -> None:
+    """A folder without any tokenizer file gets a clear error (transformers would suggest installing
+    sentencepiece or tiktoken). A folder with only a tokenizer config is left to transformers: some tokenizers
+    (byte-level ones) need no vocabulary file."""
+    if _has_vocabulary(folder) or any((folder / name).is_file() for name in _TOKENIZER_CONFIG_FILES):
+        return
+    raise ModelNotFoundError(
+        f"the model folder {folder} has no tokenizer files (expected tokenizer_config.json with "
+        f"{_TOKENIZER_VOCABULARY_HINT}); save the tokenizer beside the model with "
+        f"tokenizer.save_pretrained({str(folder)!r})")
 
 
 def _fix_tokenizer(tokenizer, model) -> None:
@@ -292,11 +348,24 @@ def _require_builtin_file(name: str, spec: _Builtin) -> Path:
 
 def _convert_gguf(source: Path, out: Path) -> None:
     """De-quantise a GGUF file to a float32 safetensors folder (model + tokenizer)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from reftkit.gguf_header import check_gguf_header
+
+    check_gguf_header(source)  # counts and lengths bounded by the file size before transformers trusts them
     logger.info("de-quantising %s to float32 once (takes ~20 s); later loads read the cache", source.name)
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    except ReftkitError:
+        raise
+    except ImportError as exc:
+        raise MissingDependencyError(f"reading {source} needs the gguf package ({exc}); pip install gguf") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the reader raises, the file is not a model it can convert
+        reason = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"{source} cannot be converted ({type(exc).__name__}: {reason}); expected a llama.cpp "
+                          "GGUF of an architecture transformers reads (llama, qwen2, mistral, ...)") from exc
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
@@ -347,11 +416,11 @@ def _digests(folder: Path) -> dict[str, str]:
 def verify_cache_entry(folder: Path, source: Path) -> str | None:
     """None if `folder` is a complete, unmodified conversion of `source`, else what is wrong with it."""
     try:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+        manifest = json.loads((folder / MANIFEST_NAME).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         return "manifest is missing"
-    except (OSError, ValueError) as exc:
-        return f"manifest is unreadable ({exc})"
+    except (OSError, ValueError, RecursionError) as exc:  # also not UTF-8, too deeply nested
+        return f"manifest is unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
     if not isinstance(manifest, dict) or manifest.get("format_version") != CACHE_FORMAT_VERSION:
         return f"manifest format version is not {CACHE_FORMAT_VERSION}"
     for key, value in _fingerprint(source).items():
@@ -360,15 +429,22 @@ def verify_cache_entry(folder: Path, source: Path) -> str | None:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         return "manifest lists no files"
-    root = folder.resolve()
-    for relative, expected in files.items():
-        path = (folder / relative).resolve()
-        if root not in path.parents:
-            return f"manifest names a file outside the entry: {relative}"
-        if not path.is_file():
-            return f"{relative} is missing"
-        if _sha256(path) != expected:
-            return f"{relative} has a wrong sha256 checksum"
+    try:
+        root = folder.resolve()
+        for relative, expected in files.items():
+            path = (folder / relative).resolve()
+            if root not in path.parents:
+                return f"manifest names a file outside the entry: {relative!r}"
+            if not path.is_file():
+                return f"{relative!r} is missing"
+            if _sha256(path) != expected:
+                return f"{relative!r} has a wrong sha256 checksum"
+        extra = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                       if p.is_file() and p.name != MANIFEST_NAME and p.relative_to(folder).as_posix() not in files)
+    except (OSError, ValueError) as exc:  # a name with a NUL byte, an unreadable file, a symlink loop
+        return f"a listed file cannot be checked ({type(exc).__name__}: {exc})"
+    if extra:
+        return f"the entry holds files its manifest does not list: {extra[:5]}"
     return None
 
 

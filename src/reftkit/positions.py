@@ -12,7 +12,17 @@ flagged in `row_valid` and left untouched by the engine. `all_rows` records, as 
 resolution, that every row has a full set of slots, so the engine needs no device sync to know it.
 
 Kinds: `first_last` ("f3+l3", "f2", "l1", "first", "last"), `all`, `span` (real-token offsets, per example or
-shared), `indices` (absolute positions, `-1` = none), `mask` (absolute boolean mask). `scope` only matters in
+shared), `indices` (absolute positions, `-1` = none), `mask` (absolute boolean mask).
+
+Short rows: selectors counted over real tokens (`first_last`, `span`) are clamped to each row's real tokens,
+never an error, so one selector serves a batch of prompts of any length (pyreft clamps first/last-k the same
+way). `fK` takes min(K, n) tokens of an n-token row; with `lM` as well the first part takes at most half the
+row (rounded up) and the last part the rest, so `f5+l5` on a 3-token row picks each token once. A span keeps
+its part that lies within the real tokens, so `span:0:K` always selects what `fK` selects; a span that starts
+at or past the end selects nothing in that row. A row left with nothing is flagged in `row_valid` and the
+engine leaves it untouched. Malformed selectors (negative offsets, a span whose start is after its end) are
+errors. `indices` and `mask` name absolute positions of the padded sequence, not counts over real tokens, so
+a position outside the sequence is an error rather than something to clamp. `scope` only matters in
 generation: "prompt" edits the prompt once (baked into the KV cache), "generated" edits each new token,
 "all" does both. `Positions.from_pyvene` converts pyvene's nested `unit_locations` lists at the edge.
 """
@@ -274,10 +284,8 @@ class Positions:
             e = torch.as_tensor(self.end, device=dev).expand(B) if self.end is not None else n
             if bool((s < 0).any()) or bool((e < s).any()):
                 raise PositionError(f"a span needs 0 <= start <= end; got start={self.start}, end={self.end}")
-            if bool((e > n).any()):
-                raise PositionError(
-                    f"span end {self.end} is past the real tokens of a row ({int(n.min())} in the shortest)"
-                )
+            e = torch.minimum(e, n)  # clamped to the real tokens, like first/last counts
+            s = torch.minimum(s, e)
             K = int((e - s).max()) if B else 0
             ar = torch.arange(max(K, 1), device=dev)
             idx = start[:, None] + s[:, None] + ar

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -27,3 +29,14 @@ def test_pngs_are_written_atomically(tmp_path):
     heatmaps({"x": grid, "y": -grid}, tmp_path / "sub" / "two.png", center_zero=True)
     line_plot({"a": [0.1, 0.5, 0.9]}, tmp_path / "sub" / "line.png")
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["h.png", "line.png", "two.png"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_pngs_get_the_mode_a_plain_open_gives(tmp_path, umask, mode):
+    pytest.importorskip("matplotlib")
+    previous = os.umask(umask)
+    try:
+        path = heatmap(torch.rand(2, 3), tmp_path / f"h{umask:o}.png")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == mode

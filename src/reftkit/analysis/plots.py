@@ -4,7 +4,8 @@ Decisions:
 - matplotlib is imported here only, when a plot is asked for (it is the optional `[plot]` extra), and through
   its object API (`Figure` + the Agg canvas): no pyplot, so no global figure state and no display backend.
 - A PNG is written to a temporary file beside its destination and renamed into place, so a crash never leaves a
-  truncated image under the final name.
+  truncated image under the final name. The file gets the mode a plain `open` would give it (0666 less the
+  umask, usually 0644), not the private 0600 of the temporary file.
 - Grids are `[layer, position]`; the plot puts tokens on the vertical axis (top to bottom, as they are read)
   and layers on the horizontal axis, as in the causal-tracing figures of Meng et al. (2022). A marked token
   range (the subject) gets a `*` after its labels.
@@ -37,9 +38,12 @@ def save_png(figure, path: "str | os.PathLike") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas_class(figure)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         with os.fdopen(fd, "wb") as handle:
             figure.savefig(handle, format="png", dpi=figure.dpi, bbox_inches="tight")
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes a private file; give it the mode a plain open would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -23,6 +23,7 @@ Decisions:
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -99,7 +100,7 @@ class Replay:
         after = calls[len(calls) - calls[::-1].index(blocks):]
         if not after:
             raise _Unsupported("no final module after the last block")
-        cache = getattr(result.output, "past_key_values", None)
+        cache = _output_cache(result.output)
         layers = getattr(cache, "layers", None)
         if layers is None or len(layers) != len(blocks) or getattr(layers[0], "keys", None) is None:
             raise _Unsupported("the model's cache has no per-layer keys/values")
@@ -228,7 +229,7 @@ class Replay:
         plan, self._plan = self._plan, {}
         try:
             cache = DynamicCache(ddp_cache_data=[(k[:1, :, :t], v[:1, :, :t]) for k, v in zip(self.keys, self.values)])
-            self.model(input_ids=self.input_ids[:1, t:], past_key_values=cache, use_cache=True,
+            self.model(input_ids=self.input_ids[:1, t:], **{cache_argument(self.model): cache}, use_cache=True,
                        **forward_kwargs(self.model))
         except _Captured:
             captured = captured[:1] * n
@@ -246,6 +247,25 @@ class Replay:
 
 class _Captured(Exception):
     pass
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which `model.forward` takes a key/value cache: `cache` in current transformers (which
+    deprecates `past_key_values`), `past_key_values` in older ones. Read from the signature, not the version."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(output):
+    """The cache a forward returned, under its current name (`cache`) or its older one (`past_key_values`)."""
+    keys = list(output.keys()) if hasattr(output, "keys") else []  # the real keys: no deprecated-name lookups
+    for name in ("cache", "past_key_values"):
+        if name in keys:
+            return output[name]
+    return None
 
 
 def _same_call(a, b) -> bool:
