@@ -46,3 +46,8 @@ class IncompatibleModelError(ReftkitError, ValueError):
 
 class DataError(ReftkitError, ValueError):
     """A dataset row is missing fields, the dataset is empty, or an example is too long."""
+
+
+class OutputError(ReftkitError, OSError):
+    """An output folder cannot be used: it is not writable, the disk is full, or it holds an earlier run that
+    neither `resume` nor `overwrite` was asked to continue or replace."""

@@ -97,12 +97,51 @@ def test_resume_without_a_checkpoint_is_an_error(capsys, recipe):
     assert code == 2 and "nothing to resume" in err
 
 
-def test_load_recipe_resolves_data_beside_the_yaml(recipe, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path.parent)
-    cfg = load_recipe(recipe())
-    assert cfg["data"] == str(tmp_path / "animals.jsonl")
+def test_recipe_paths_are_relative_to_the_recipe_folder_never_the_current_one(tmp_path, monkeypatch):
+    folder, elsewhere = tmp_path / "recipes", tmp_path / "elsewhere"
+    (folder / "data").mkdir(parents=True)
+    (folder / "local-model").mkdir()
+    (elsewhere / "data").mkdir(parents=True)
+    for where in (folder, elsewhere):  # the same relative names exist in the current folder: they must not win
+        (where / "data" / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = folder / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": "local-model", "data": "data/train.jsonl", "eval_data": "../shared.jsonl",
+                                    "output_dir": "out"}))
+    cfg = load_recipe(path)
+    assert cfg["data"] == str(folder / "data" / "train.jsonl")
+    assert cfg["eval_data"] == str(folder / ".." / "shared.jsonl")
+    assert cfg["output_dir"] == str(folder / "out")
+    assert cfg["model"] == str(folder / "local-model")  # a folder beside the recipe
+    path.write_text(yaml.safe_dump({"model": "tiny-llama", "data": str(elsewhere / "data" / "train.jsonl"),
+                                    "output_dir": "~/runs/x"}))
+    cfg = load_recipe(path)
+    assert cfg["model"] == "tiny-llama" and cfg["data"] == str(elsewhere / "data" / "train.jsonl")  # absolute: kept
+    assert cfg["output_dir"] == str(tmp_path / "home" / "runs" / "x")
+    path.write_text(yaml.safe_dump({"model": "org/not-here", "data": "data/train.jsonl"}))
+    cfg = load_recipe(path)
+    assert cfg["output_dir"] == str(folder / "runs" / "r")  # the default: runs/<stem> beside the recipe
+    assert cfg["model"] == "org/not-here"  # no such path beside the recipe: passed on as written
     with pytest.raises(ConfigError, match="does not exist"):
-        load_recipe(tmp_path / "missing.yaml")
+        load_recipe(folder / "missing.yaml")
+    path.write_text(yaml.safe_dump({"model": "tiny-llama", "data": ["a.jsonl"]}))
+    with pytest.raises(ConfigError, match=r"data must be a path \(a string\)"):
+        load_recipe(path)
+    path.write_text(yaml.safe_dump({"model": "tiny-llama", "data": "d.jsonl", "train": {"output_dir": "x"}}))
+    with pytest.raises(ConfigError, match="set output_dir at the top level"):
+        load_recipe(path)
+
+
+def test_train_gives_the_same_run_from_any_current_folder(capsys, recipe, tmp_path, monkeypatch):
+    path = recipe(output_dir="run-here")
+    cwd = tmp_path / "somewhere" / "else"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    code, out, err = run(capsys, "train", path, "--json")
+    assert code == 0, err
+    assert json.loads(out)["adapter"] == str(tmp_path / "run-here" / "adapter")
+    assert (tmp_path / "run-here" / "metrics.json").is_file() and list(cwd.iterdir()) == []
 
 
 def test_classification_recipe_trains_and_saves_the_head(tmp_path):

@@ -3,9 +3,9 @@
 ```yaml
 model: smollm2-135m-instruct      # built-in name, local folder or .gguf
 task: sft                         # sft | classification | dpo
-data: data/caps_train.jsonl       # relative paths are also looked up beside this file
+data: data/caps_train.jsonl       # relative paths are relative to the folder of this file
 eval_data: data/my_eval.jsonl     # optional
-output_dir: runs/caps
+output_dir: runs/caps             # default runs/<file name without .yaml>, beside this file
 chat: true                        # apply the chat template to prompts
 max_length: 256
 reft: {method: loreft, layers: [8, 16, 24], rank: 4, positions: f1+l1, tied: true}
@@ -14,40 +14,62 @@ train: {epochs: 3, batch_size: 8, lr: 0.004, save_every: 10}
 For `classification` the model gets a head with `num_labels` outputs (or one per entry of `label_names`, which
 maps string labels to ids); unless `reft.modules_to_save` says otherwise, the head is trained and saved with the
 adapter. Every key is checked when the file is loaded, before any model is.
-`run_recipe` writes the adapter (`output_dir/adapter`), `metrics.json` and, when matplotlib is installed,
-`loss.png`; with `resume=True` it continues from `output_dir/checkpoint` (written every `train.save_every` steps).
+
+Design decisions
+- **One rule for paths**: a relative `data`, `eval_data` or `output_dir` (and the default output folder) is
+  relative to the folder the recipe file is in, as named (a symlinked recipe resolves beside the link), never to
+  the current folder, so a recipe gives the same run from anywhere; `~` is expanded. `model` is a built-in name,
+  or a path relative to the recipe folder when one exists there, else passed to `load_model` as written.
+- **Nothing is lost**: `run_recipe` refuses a non-empty output folder unless `resume=True` (continue from
+  `output_dir/checkpoint`, written every `train.save_every` steps) or `overwrite=True`. An overwrite trains in a
+  hidden sibling `.NAME.overwrite` and swaps it in only when the new run is complete (`atomic.replace_folder`):
+  until then the old run is untouched, and the folder never holds a mix of old and new files. A killed overwrite
+  continues with `resume=True` (its checkpoint is found in the sibling); a new overwrite starts it afresh. Whether
+  the folder is writable is probed before the model is loaded.
+- `run_recipe` writes the adapter (`output_dir/adapter`), `metrics.json` (the loss of every step, continuous
+  across resumes) and, when matplotlib is installed, `loss.png`; every file is written atomically.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import math
+import shutil
 from dataclasses import fields
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..atomic import check_writable, recover_folder, replace_folder, write_file
+from ..errors import ConfigError, ReftkitError
 from .config import ReftConfig
 from .data import encode, read_rows
 from .model import ReftModel
-from .train import TASKS, TrainArgs, train
+from .train import TASKS, TrainArgs, check_output_folder, is_empty_folder, train
 
 log = logging.getLogger(__name__)
 TOP_KEYS = {"model", "task", "data", "eval_data", "output_dir", "chat", "max_length", "reft", "train", "num_labels",
             "label_names"}
+PATH_KEYS = ("data", "eval_data", "output_dir")
+FLAGS = ("--resume (resume=True)", "--overwrite (overwrite=True)")
 
 
 def load_recipe(path: "str | Path") -> dict:
+    """Read and check a recipe; relative paths in it come back relative to its folder (see the module docstring)."""
     import yaml
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+    try:  # safe_load builds plain data only: a !!python/... tag is an error, never an object
+        cfg = yaml.safe_load(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: byte {e.start} is not UTF-8 ({e.reason}); a recipe is UTF-8 YAML text") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int too long to convert
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path} must hold a mapping with keys {sorted(TOP_KEYS)}")
+    _check_expanded_size(cfg, path)
     unknown = set(cfg) - TOP_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(TOP_KEYS)}")
@@ -55,16 +77,76 @@ def load_recipe(path: "str | Path") -> dict:
         if key not in cfg:
             raise ConfigError(f"{path}: missing key {key!r}")
     base = path.parent
-    for key in ("data", "eval_data"):
-        if cfg.get(key) and not Path(cfg[key]).is_absolute() and not Path(cfg[key]).exists():
-            cfg[key] = str(base / cfg[key])
+    for key in PATH_KEYS:
+        if cfg.get(key) is None:
+            continue
+        if not isinstance(cfg[key], str) or not cfg[key].strip():
+            raise ConfigError(f"{path}: {key} must be a path (a string), got {cfg[key]!r}")
+        cfg[key] = str(_beside(base, cfg[key]))
+    cfg.setdefault("output_dir", str(base / "runs" / path.stem))
+    if cfg.get("output_dir") is None:
+        raise ConfigError(f"{path}: output_dir must be a path, got null; omit it for {base / 'runs' / path.stem}")
+    cfg["model"] = _model_beside(base, cfg["model"])
     cfg.setdefault("task", "sft")
-    cfg.setdefault("output_dir", str(Path("runs") / path.stem))
     if cfg["task"] not in TASKS:
         raise ConfigError(f"{path}: unknown task {cfg['task']!r}; expected one of {', '.join(TASKS)}")
-    reft_config(cfg)  # checked now, before a model is loaded
-    train_args(cfg)
+    _check_values(cfg, path)
+    try:  # checked now, before a model is loaded
+        reft_config(cfg)
+        train_args(cfg)
+    except ReftkitError as e:
+        raise type(e)(f"{path}: {e}") from e
     return cfg
+
+
+MAX_VALUES = 100_000
+"""A recipe expands to at most this many values. YAML aliases share one value between many places, so a few
+lines can stand for billions of values (`a: &a [x, x]`, `b: &b [*a, *a]`, ...); error messages and checks that
+walk such a value would never finish."""
+
+
+def _check_expanded_size(cfg: dict, path: Path) -> None:
+    stack, seen = [cfg], 0
+    while stack:
+        value = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ConfigError(f"{path} expands to more than {MAX_VALUES:,} values (YAML aliases repeating one "
+                              "another?); a recipe is a few dozen keys, write the values out")
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+
+
+def _check_values(cfg: dict, path: Path) -> None:
+    """The types of the top-level values that are not paths."""
+    if not isinstance(cfg["model"], str) or not cfg["model"].strip():
+        raise ConfigError(f"{path}: model must be a model name or path (a string), got {cfg['model']!r}")
+    if not isinstance(cfg.get("chat", True), bool):
+        raise ConfigError(f"{path}: chat must be true or false, got {cfg['chat']!r}")
+    for key in ("max_length", "num_labels"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{path}: {key} must be a positive integer, got {value!r}")
+    names = cfg.get("label_names")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+        raise ConfigError(f"{path}: label_names must be a list of strings, got {names!r}")
+
+
+def _beside(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _model_beside(base: Path, model):
+    from ..models import builtin_names
+
+    if not isinstance(model, str) or model in builtin_names() or Path(model).expanduser().is_absolute():
+        return model
+    local = _beside(base, model)
+    return str(local) if local.exists() else model
 
 
 def reft_config(cfg: dict) -> ReftConfig:
@@ -80,16 +162,72 @@ def train_args(cfg: dict) -> TrainArgs:
     if not isinstance(given, dict):
         raise ConfigError(f"'train' must be a mapping of training options, got {given!r}")
     given = dict(given)
+    for key, value in given.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"train option {key} must be a finite number, got {value!r}")
     unknown = set(given) - allowed
     if unknown:
         raise ConfigError(f"unknown train options {sorted(unknown)}; expected {sorted(allowed)}")
-    given.setdefault("output_dir", cfg["output_dir"])
+    if "output_dir" in given:
+        raise ConfigError(f"set output_dir at the top level of the recipe, not under 'train' (got "
+                          f"{given['output_dir']!r})")
+    given["output_dir"] = cfg["output_dir"]
     return TrainArgs(**given)
 
 
-def run_recipe(cfg: dict, *, resume: bool = False, progress: bool = True, model_and_tokenizer=None) -> dict:
+def run_folder(output_dir: "str | Path", *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Where a run of `output_dir` trains (see the module docstring): `output_dir` itself, or its hidden sibling
+    `.NAME.overwrite` for an overwrite (and for the resume of an unfinished one). Checks the folder before anything
+    is loaded: a non-empty one needs `resume` or `overwrite`, a resume needs a checkpoint, and files must be
+    writable there."""
+    out = Path(output_dir)
+    staging = out.with_name(f".{out.name}.overwrite")
+    if resume and overwrite:
+        raise ConfigError(f"resume continues the run in {out} and overwrite replaces it; pass one of them")
+    recover_folder(out)
+    if resume:
+        work = out
+        if staging.is_dir():
+            recover_folder(staging / "checkpoint")
+        if (staging / "checkpoint" / "trainer_state.json").is_file():
+            work = staging
+            log.info("continuing the unfinished replacement of %s (in %s)", out, staging)
+        recover_folder(work / "checkpoint")
+        if not (work / "checkpoint" / "trainer_state.json").is_file():
+            raise ConfigError(f"nothing to resume: no checkpoint in {work / 'checkpoint'} (checkpoints are written "
+                              "every train.save_every steps; set it > 0 to make a run resumable)")
+        return check_writable(work)
+    if overwrite:
+        if out.exists() and not out.is_dir():
+            check_writable(out)  # raises: the output folder is a file
+        if staging.exists() and not is_empty_folder(staging):
+            log.info("discarding %s, an unfinished earlier replacement of %s", staging, out)
+            shutil.rmtree(staging)
+        return check_output_folder(staging, resume=False, overwrite=False)
+    return check_output_folder(out, resume=False, overwrite=False, flags=FLAGS)
+
+
+def find_checkpoint(output_dir: "str | Path") -> tuple[Path, int] | None:
+    """The checkpoint a resume of `output_dir` would continue from, and its step; None when there is none."""
+    out = Path(output_dir)
+    for work in (out.with_name(f".{out.name}.overwrite"), out):
+        state = work / "checkpoint" / "trainer_state.json"
+        try:
+            return state.parent, int(json.loads(state.read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def run_recipe(cfg: dict, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+               model_and_tokenizer=None) -> dict:
+    """Train the recipe `cfg` (from `load_recipe`) and write the run to `cfg["output_dir"]`: a non-empty folder
+    needs `resume=True` (continue from its checkpoint) or `overwrite=True` (replace it once the new run is
+    complete)."""
     from ..models import load_model
 
+    out = Path(cfg["output_dir"])
+    work = run_folder(out, resume=resume, overwrite=overwrite)
     task = cfg["task"]
     if model_and_tokenizer is None:
         num_labels = cfg.get("num_labels") or len(cfg.get("label_names") or []) or 2
@@ -111,22 +249,23 @@ def run_recipe(cfg: dict, *, resume: bool = False, progress: bool = True, model_
                            label_names=cfg.get("label_names"), where=str(cfg["eval_data"]))
     reft = ReftModel(model, reft_cfg)
     args = train_args(cfg)
+    args.output_dir = str(work)
     args.progress = progress and args.progress
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     result = train(reft, data, args, task=task, pad_token_id=pad, eval_data=eval_data, resume=resume)
-    out = Path(cfg["output_dir"])
-    reft.save_pretrained(out / "adapter")
+    reft.save_pretrained(work / "adapter")
     trainable, total = reft.trainable_parameters()
     metrics = {"task": task, "model": cfg["model"], "steps": result["step"], "losses": result["losses"],
                "eval": result["eval"], "train_seconds": round(result["train_seconds"], 3),
                "examples_per_second": round(result["examples_per_second"], 3), "trainable_parameters": trainable,
                "total_parameters": total, "trainable_percent": 100 * trainable / total,
                "reft": reft_cfg.to_dict(), "adapter": str(out / "adapter")}
-    tmp = out / "metrics.json.tmp"  # written beside and renamed: a reader never sees half a file
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(out / "metrics.json")
-    plot = plot_losses(result["losses"], result["eval"], out / "loss.png")
-    metrics["loss_plot"] = str(plot) if plot else None
+    write_file(work / "metrics.json", json.dumps(metrics, indent=2))
+    plot = plot_losses(result["losses"], result["eval"], work / "loss.png")
+    if work != out:
+        replace_folder(work, out)
+        log.info("replaced %s with the new run", out)
+    metrics["loss_plot"] = str(out / plot.name) if plot else None
     return metrics
 
 
@@ -147,8 +286,7 @@ def plot_losses(losses: list[float], evals: list, path: Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return write_file(path, buffer.getvalue())

@@ -8,7 +8,13 @@
   computed matrices of the adapter format), the optimizer and scheduler state, the RNG state and the loop state,
   all as safetensors + JSON. They are written atomically every `save_every` steps, so a kill loses at most that
   interval, and `resume=True` continues from the last one with the same data order: the resumed run ends with
-  the weights an uninterrupted run would have.
+  the weights and the loss history an uninterrupted run would have. A kill in the middle of a checkpoint write is
+  recovered from (`atomic.recover_folder`) when the run resumes.
+- Nothing is lost: a run that writes checkpoints refuses a non-empty `output_dir` unless it resumes
+  (`resume=True`) or replaces (`overwrite=True`: the old checkpoint stays until the first new one replaces it;
+  `train` writes only `output_dir/checkpoint`, other files there are left alone). Whether `output_dir` can be
+  written is probed before the first step, so a read-only folder or a full disk fails before any training; a
+  checkpoint write that fails keeps the previous checkpoint and raises `OutputError` naming the folder.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from ..atomic import write_folder
-from ..errors import ConfigError, DataError
+from ..atomic import check_writable, recover_folder, write_folder
+from ..errors import ConfigError, DataError, OutputError
 from .data import TASK_FIELDS, Collator, Example
 from .model import ReftModel
 
@@ -253,10 +259,12 @@ def evaluate(reft: ReftModel, data: list[Example], collator: Collator, args: Tra
 
 
 def train(reft: ReftModel, data: list[Example], args: TrainArgs, *, task: str = "sft", pad_token_id: int = 0,
-          eval_data: list[Example] | None = None, resume: bool = False) -> dict:
+          eval_data: list[Example] | None = None, resume: bool = False, overwrite: bool = False) -> dict:
     """Train the trainable adapters (and `modules_to_save`). Returns metrics: the loss of every optimizer step,
     eval losses, time, examples/s. Each step accumulates `grad_accum` batches, normalised over the items of all
-    of them, so it equals one step on a batch `grad_accum` times larger."""
+    of them, so it equals one step on a batch `grad_accum` times larger. With `args.output_dir` and
+    `args.save_every`, checkpoints go to `output_dir/checkpoint`; `resume=True` continues from there and
+    `overwrite=True` lets a new run replace what an earlier one left in `output_dir`."""
     if not data:
         raise DataError("the training set is empty")
     if task not in TASKS:
@@ -273,8 +281,14 @@ def train(reft: ReftModel, data: list[Example], args: TrainArgs, *, task: str = 
         opt, lambda s: (s + 1) / max(warm, 1) if s < warm else max(0.0, (total_steps - s) / max(total_steps - warm, 1)))
     layout = {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "seed": args.seed, "examples_in_data": len(data)}
     ckpt = Path(args.output_dir) / "checkpoint" if args.output_dir else None
+    if resume and overwrite:
+        raise ConfigError("resume=True continues the run in output_dir and overwrite=True replaces it; pass one")
+    if ckpt is not None and (resume or args.save_every):
+        recover_folder(ckpt)  # a kill in the middle of a checkpoint write left it under a temporary name
     if resume and (ckpt is None or not (ckpt / "trainer_state.json").is_file()):
         raise ConfigError(f"nothing to resume: no checkpoint in {ckpt} (checkpoints need save_every > 0)")
+    if ckpt is not None and args.save_every:
+        check_output_folder(ckpt.parent, resume=resume, overwrite=overwrite)
     device = next(reft.parameters()).device
     # dropout draws from an RNG seeded by args.seed (and restored on resume); the caller's RNG is left alone
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -302,6 +316,26 @@ def train(reft: ReftModel, data: list[Example], args: TrainArgs, *, task: str = 
     state["examples_per_second"] = state["examples"] / max(state["train_seconds"], 1e-9)
     state["args"] = asdict(args)
     return state
+
+
+def is_empty_folder(folder: Path) -> bool:
+    """True when `folder` is missing or holds nothing but the leftovers of an earlier probe."""
+    if not folder.exists():
+        return True
+    return not any(not p.name.startswith(".reftkit-probe-") for p in folder.iterdir())
+
+
+def check_output_folder(folder: "str | Path", *, resume: bool, overwrite: bool,
+                        flags: tuple[str, str] = ("resume=True", "overwrite=True")) -> Path:
+    """Refuse to write into a non-empty `folder` unless the run resumes or replaces it; then probe that files can
+    be written there. Both checks run before any training, and raise `OutputError` naming the folder."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        check_writable(folder)  # raises: the output folder is a file
+    if not (resume or overwrite) and not is_empty_folder(folder):
+        raise OutputError(f"output folder {folder} is not empty (it holds an earlier run); pass {flags[0]} to "
+                          f"continue that run, {flags[1]} to replace it, or choose another output folder")
+    return check_writable(folder)
 
 
 def _loop(reft, data, args: TrainArgs, task: str, collator, opt, sched, state: dict, total_steps: int, ckpt,
