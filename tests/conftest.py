@@ -23,6 +23,18 @@ def one_thread(request):
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def fp32_unless_asked(request, monkeypatch):
+    """`bf16="auto"` (the training default) means bf16 autocast on processors with native bf16 and fp32 elsewhere;
+    the suite pins "auto" to fp32 so that a test's numbers do not depend on the processor. Tests of the detection
+    itself are marked `real_precision`."""
+    if request.node.get_closest_marker("real_precision"):
+        return
+    import reftkit.precision as precision
+
+    monkeypatch.setattr(precision, "_cpu_bf16_support", lambda: (False, "the test suite pins bf16='auto' to fp32"))
+
+
 DECODER_FAMILIES = [family for family, (_, kind, _) in TINY_FAMILIES.items() if kind == "causal-lm"]
 ENCODER_FAMILIES = [family for family, (_, kind, _) in TINY_FAMILIES.items() if kind == "encoder"]
 

@@ -3,7 +3,8 @@
 - Tasks: `sft` (loss on completion tokens only), `classification` (the model's own head and loss; list the head
   in `modules_to_save` to train it) and `dpo` (the reference model is the same model with adapters disabled,
   so no second copy is held in memory).
-- Gradient accumulation, periodic evaluation, an optional bf16 autocast path for CPUs and GPUs that have it.
+- Gradient accumulation, periodic evaluation, bf16 autocast where the device computes bf16 natively (`bf16='auto'`,
+  the default; see `reftkit.precision`).
 - Checkpoints hold the trainable tensors as the optimizer sees them (raw parametrization parameters, not the
   computed matrices of the adapter format), the optimizer and scheduler state, the RNG state and the loop state,
   all as safetensors + JSON. They are written atomically every `save_every` steps, so a kill loses at most that
@@ -24,7 +25,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from torch.nn import functional as F
 
 from ..atomic import check_writable, recover_folder, write_folder
 from ..errors import ConfigError, DataError, OutputError
+from ..precision import check_bf16_setting, resolve_bf16
 from .data import TASK_FIELDS, Collator, Example
 from .model import ReftModel
 
@@ -53,7 +55,7 @@ class TrainArgs:
     save_every: int = 0
     output_dir: str | None = None
     seed: int = 0
-    bf16: bool = False
+    bf16: bool | str = "auto"  # bf16 autocast: "auto" (where native, see reftkit.precision), True or False
     dpo_beta: float = 0.1
     padding_side: str = "right"
     progress: bool = True
@@ -83,6 +85,7 @@ class TrainArgs:
             raise ConfigError("eval_every and save_every must be >= 0 (0 = never)")
         if self.padding_side not in ("left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        check_bf16_setting(self.bf16, "train option bf16")
         g = self.max_grad_norm
         if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0):
             raise ConfigError(f"max_grad_norm must be a positive number or null, got {g!r}")
@@ -212,9 +215,9 @@ def param_groups(reft: ReftModel, weight_decay: float) -> list[dict]:
             if g["params"]]
 
 
-def _autocast(reft: ReftModel, enabled: bool):
-    device = next(reft.parameters()).device.type
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
+def _autocast(reft: ReftModel, bf16: "bool | str"):
+    device = next(reft.parameters()).device
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_bf16(bf16, device, warn=False))
 
 
 @contextlib.contextmanager
@@ -228,7 +231,8 @@ def bf16_training_attention(reft: ReftModel, args):
     current = getattr(config, "_attn_implementation", None)
     device = next(reft.parameters()).device.type
     switchable = current == "sdpa" and hasattr(model, "set_attn_implementation")
-    if not (getattr(args, "bf16", False) and device == "cpu" and switchable):
+    bf16 = getattr(args, "bf16", False)
+    if not (device == "cpu" and switchable and resolve_bf16(bf16, device, warn=False)):
         yield
         return
     try:
@@ -290,6 +294,7 @@ def train(reft: ReftModel, data: list[Example], args: TrainArgs, *, task: str = 
     if ckpt is not None and args.save_every:
         check_output_folder(ckpt.parent, resume=resume, overwrite=overwrite)
     device = next(reft.parameters()).device
+    args = replace(args, bf16=resolve_bf16(args.bf16, device))  # decided once; metrics record what ran
     # dropout draws from an RNG seeded by args.seed (and restored on resume); the caller's RNG is left alone
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed)

@@ -28,6 +28,7 @@ from transformers.utils import is_accelerate_available
 
 from ..atomic import write_folder
 from ..errors import ConfigError, MissingDependencyError
+from ..precision import resolve_bf16
 from .data import Collator
 from .model import ReftModel
 from .train import bf16_training_attention, load_raw_state, param_groups, raw_state
@@ -71,6 +72,8 @@ class ReftTrainer(Trainer):
         return self.optimizer
 
     def train(self, *args, **kwargs):
+        if self.args.bf16:  # transformers' own flag: warn where bf16 is emulated, as reftkit's loop does
+            resolve_bf16(True, next(self.reft_model.parameters()).device)
         with bf16_training_attention(self.reft_model, self.args):  # see there: CPU bf16 trains faster on eager
             return super().train(*args, **kwargs)
 
