@@ -20,8 +20,9 @@ $(STAMP): $(BIN)/python pyproject.toml Makefile
 
 install: $(STAMP)
 
+# a second `make demo` replays the comparison with the adapter it trained (`--resume`); `reftkit demo --overwrite` retrains
 demo: $(STAMP)
-	$(BIN)/reftkit demo
+	$(BIN)/reftkit demo $(if $(wildcard runs/demo/*),--resume)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -64,12 +64,52 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--device` and `--dtype`, for every command that loads a model (read by `load_for_cli`)."""
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="where the model runs: cpu, cuda, cuda:N, mps or auto (cuda when available, else cpu; "
+                             "default %(default)s)")
+    parser.add_argument("--dtype", default="float32", metavar="DTYPE",
+                        help="dtype of the model's weights and activations: float32, bfloat16 (bf16), float16 (fp16) "
+                             "or auto (the dtype in the model's config; default %(default)s)")
+
+
 def load_for_cli(name: str, args: argparse.Namespace, **kwargs: Any):
-    """Load a model with a status line (transformers' own output is handled by `main`, see `quiet_transformers`)."""
+    """Load a model with a status line (transformers' own output is handled by `main`, see `quiet_transformers`),
+    on the command's `--device` in its `--dtype`."""
     from reftkit.models import load_model
 
+    for option in ("device", "dtype"):
+        if getattr(args, option, None) is not None:
+            kwargs.setdefault(option, getattr(args, option))
     status(f"loading {name}")
     return load_model(name, **kwargs)
+
+
+def check_adapter_for_cli(adapter_dir: str, model_name: str | None) -> str:
+    """Before any model is loaded, for `--adapter DIR`: the folder is a complete, readable ReFT adapter, and the
+    model fits its recorded widths (read from the model's config.json where that is cheap). Returns the model to
+    load: `model_name`, or the base model the adapter records when `model_name` is None."""
+    from reftkit.adapters import base_source, check_base_config, read_adapter
+    from reftkit.errors import ModelNotFoundError
+
+    info = read_adapter(adapter_dir)
+    if info["kind"] == "intervenable":
+        raise ConfigError(f"{adapter_dir} holds interventions saved by IntervenableModel.save; --adapter takes a "
+                          "ReFT adapter folder written by ReftModel.save_pretrained")
+    if model_name is None:
+        model_name = base_source(info)
+        if model_name is None:
+            raise ConfigError(f"the adapter in {adapter_dir} does not record its base model (it was saved by an "
+                              "older reftkit or by pyreft); pass --model with the model it was trained on")
+        if Path(model_name).is_absolute() and not Path(model_name).exists():
+            raise ModelNotFoundError(f"the adapter in {adapter_dir} was trained on {model_name}, which does not exist "
+                                     "on this machine; pass --model with that model's folder")
+        status(f"using the adapter's base model {model_name}")
+    from reftkit.models import peek_config
+
+    check_base_config(info, peek_config(model_name), model_name)
+    return model_name
 
 
 def attach_adapter(model: Any, adapter_dir: str) -> Any:
@@ -101,7 +141,10 @@ def _print_replies(args: argparse.Namespace, model_name: str, prompts: list[str]
 
 # ------------------------------------------------------------------------------------------------ commands
 
-MODEL_HELP = "a built-in name (see `reftkit models list`), a Hugging Face folder or a .gguf file (default %(default)s)"
+MODEL_HELP = ("a built-in name (see `reftkit models list`), a Hugging Face folder, a .gguf file or a Hugging Face Hub "
+              "id org/name[@revision] (default %(default)s)")
+BASE_MODEL_HELP = ("a built-in name (see `reftkit models list`), a Hugging Face folder, a .gguf file or a Hugging Face "
+                   f"Hub id org/name[@revision] (default: the base model that --adapter records, else {DEFAULT_MODEL})")
 
 
 def _add_models_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,16 +168,18 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    parser.add_argument("--model", help=BASE_MODEL_HELP)
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (required); repeat for a batch")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N",
                         help="most tokens generated per reply, greedily (default %(default)s)")
     parser.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     parser.add_argument("--adapter", metavar="DIR", help="a folder of saved ReFT interventions to apply")
+    _add_device_arguments(parser)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    model, tokenizer = load_for_cli(args.model, args)
+    model_name = check_adapter_for_cli(args.adapter, args.model) if args.adapter else (args.model or DEFAULT_MODEL)
+    model, tokenizer = load_for_cli(model_name, args)
     if args.adapter:
         model = attach_adapter(model, args.adapter)
     status(f"generating {len(args.prompt)} repl{'y' if len(args.prompt) == 1 else 'ies'}")
@@ -142,7 +187,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     replies = generate_replies(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                                chat=not args.no_chat)
-    _print_replies(args, args.model, args.prompt, replies)
+    _print_replies(args, model_name, args.prompt, replies)
     return 0
 
 
@@ -179,10 +224,6 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from reftkit.reft.demo import demo_setup, run_demo
 
-    if not args.debug:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.set_verbosity_error()
     cfg, _ = demo_setup(args.config, args.heldout, args.output_dir)
     status(f"training a LoReFT adapter from {args.config or 'the built-in caps.yaml'} -> {cfg['output_dir']}")
     try:
@@ -228,10 +269,6 @@ def _run_train(args: argparse.Namespace) -> int:
     from reftkit.reft.recipe import load_recipe, run_recipe
 
     cfg = load_recipe(args.config)
-    if not args.debug:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.set_verbosity_error()
     status(f"training {cfg.get('reft', {}).get('method', 'loreft')} on {cfg['model']} -> {cfg['output_dir']}")
     try:
         metrics = run_recipe(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.json)
@@ -253,7 +290,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    parser.add_argument("--model", help=BASE_MODEL_HELP)
     parser.add_argument("--adapter", metavar="DIR", help="a saved adapter (omit to evaluate the base model)")
     parser.add_argument("--data", required=True, help="JSONL/CSV rows (prompt/completion, text/label, ...; required)")
     parser.add_argument("--task", default="sft", choices=("sft", "classification", "dpo"),
@@ -267,13 +304,15 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=_positive_int, default=512, metavar="N",
                         help="longest example in tokens; a longer one is an error (default %(default)s)")
     parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template to prompts")
+    _add_device_arguments(parser)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    model_name = check_adapter_for_cli(args.adapter, args.model) if args.adapter else (args.model or DEFAULT_MODEL)
     from reftkit.reft.evaluate import evaluate_file
 
     kwargs = {"task": "sequence-classification", "num_labels": args.num_labels} if args.task == "classification" else {}
-    model, tokenizer = load_for_cli(args.model, args, **kwargs)
+    model, tokenizer = load_for_cli(model_name, args, **kwargs)
     result = evaluate_file(model, tokenizer, args.data, task=args.task, adapter=args.adapter,
                            batch_size=args.batch_size, max_length=args.max_length, chat=not args.no_chat,
                            label_names=args.label_names.split(",") if args.label_names else None)
@@ -299,6 +338,7 @@ def _add_trace_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise samples (default %(default)s)")
     parser.add_argument("--out", default="trace", metavar="DIR", help="folder for the heatmaps (default %(default)s)")
     parser.add_argument("--no-plots", action="store_true", help="do not write heatmaps")
+    _add_device_arguments(parser)
 
 
 def _run_trace(args: argparse.Namespace) -> int:
@@ -323,6 +363,88 @@ def _run_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_adapters_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="adapters_action", metavar="ACTION", required=True)
+    inspect = actions.add_parser(
+        "inspect", parents=[_global_options(suppress=True)],
+        help="describe one adapter folder: method, sites, positions, rank, parameters, base model, training metrics")
+    inspect.add_argument("folder", metavar="DIR", help="an adapter folder (written by ReftModel.save_pretrained or "
+                                                       "IntervenableModel.save)")
+    found = actions.add_parser("list", parents=[_global_options(suppress=True)],
+                               help="find the adapter folders under a folder: path, method, base model, parameters")
+    found.add_argument("folder", metavar="DIR", nargs="?", default=".",
+                       help="the folder searched, with its subfolders (default %(default)s)")
+
+
+def _base_text(info: dict) -> str:
+    from reftkit.adapters import base_source, describe_base
+
+    if info.get("base_model"):
+        return base_source(info) or describe_base(info["base_model"])
+    if info.get("model_fingerprint"):
+        return f"(not recorded; {describe_base(info['model_fingerprint']).removeprefix('an unnamed model ')})"
+    return "(not recorded)"
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "-"
+
+
+def _run_adapters(args: argparse.Namespace) -> int:
+    from reftkit.adapters import describe_base, find_adapters, read_adapter
+
+    if args.adapters_action == "inspect":
+        info = read_adapter(args.folder, metrics=True)
+        if args.json:
+            emit_json(info)
+            return 0
+        sites = info.get("sites") or []
+        record = info.get("base_model") or {}
+        weights = record.get("weights") if isinstance(record.get("weights"), dict) else None
+        positions = info.get("positions")
+        if positions is not None and info.get("tied") is not None:
+            positions = f"{positions} ({'tied' if info['tied'] else 'untied'})"
+        rows = [("path", info["path"]), ("kind", info["kind"]),
+                ("name", info.get("adapter_name")), ("method", info.get("method")),
+                ("sites", f"{', '.join(sites)} ({len(sites)})" if sites else None),
+                ("positions", positions), ("rank", info.get("rank")),
+                ("modules saved", ", ".join(info.get("modules_to_save") or []) or None),
+                ("parameters", f"{_count(info.get('parameters'))} in {info['weights_file']}"
+                 if info.get("weights_file") else None),
+                ("base model", describe_base(record) if record else _base_text(info)),
+                ("fingerprint", f"{weights['tensor']} {weights.get('shape')}" if weights else None),
+                ("reftkit", info.get("reftkit_version"))]
+        metrics = info.get("metrics")
+        if metrics:
+            parts = [f"{metrics['steps']} steps" if "steps" in metrics else None,
+                     f"final loss {metrics['final_loss']:.4f}" if isinstance(metrics.get("final_loss"), float) else None,
+                     f"eval loss {metrics['eval_loss']:.4f}" if isinstance(metrics.get("eval_loss"), float) else None,
+                     f"{metrics['train_seconds']:.1f} s" if isinstance(metrics.get("train_seconds"), (int, float)) else None]
+            rows.append(("training", f"{', '.join(p for p in parts if p)} ({metrics['path']})"))
+        width = max(len(key) for key, _ in rows)
+        for key, value in rows:
+            if value is not None:
+                print(f"{key + ':':<{width + 1}}  {value}")
+        return 0
+    found = find_adapters(args.folder)
+    rows = [{"path": info["path"], "kind": info.get("kind"), "method": info.get("method"),
+             "base": None if "error" in info else _base_text(info), "parameters": info.get("parameters"),
+             **({"error": info["error"]} if "error" in info else {})} for info in found]
+    if args.json:
+        emit_json(rows)
+        return 0
+    if not rows:
+        status(f"no adapter folders under {args.folder}")
+        return 0
+    table = [(row["path"], row["method"] or "-", row["base"] if row["base"] else f"(unreadable: {row['error']})",
+              _count(row["parameters"])) for row in rows]
+    header = ("PATH", "METHOD", "BASE", "PARAMETERS")
+    widths = [max(len(str(r[i])) for r in [header, *table]) for i in range(3)]
+    for row in [header, *table]:
+        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip())
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "models": Command(_add_models_arguments, _run_models, "built-in models (`models list`)", loads_models=False),
     "generate": Command(_add_generate_arguments, _run_generate, "greedy replies to prompts"),
@@ -330,6 +452,8 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(_add_eval_arguments, _run_eval, "loss / accuracy of a model or adapter on a data file"),
     "demo": Command(_add_demo_arguments, _run_demo, "train a LoReFT adapter on SmolLM2 and compare replies"),
     "trace": Command(_add_trace_arguments, _run_trace, "causal tracing of a factual prompt (heatmaps per component)"),
+    "adapters": Command(_add_adapters_arguments, _run_adapters, "inspect saved adapters (`adapters inspect DIR`, "
+                        "`adapters list DIR`)", loads_models=False),
 }
 
 
