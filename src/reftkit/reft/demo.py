@@ -1,6 +1,7 @@
 """The main demo: train a LoReFT adapter on the built-in SmolLM2 to answer in capital letters, then compare base
-and adapted replies on held-out prompts. The behaviour is checkable by a rule (`is_all_caps`), so the demo
-reports a success rate rather than asking the reader to judge.
+and adapted replies on held-out prompts. The behaviour is checkable by a rule (the recipe's `behaviour`, `all_caps`
+in the shipped recipe; see `reftkit.behaviours`), so the demo reports a success rate rather than asking the reader
+to judge.
 
 Design decisions
 - The recipe and its data ship inside the package (`reftkit/examples/caps.yaml`, `reftkit/examples/data/`,
@@ -18,17 +19,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..behaviours import behaviour, is_all_caps  # noqa: F401  (is_all_caps: the demo's check, kept importable)
 from ..chat import generate_replies
 from ..errors import ConfigError, DataError
 
 DEMO_RECIPE = "caps.yaml"
 DEMO_OUTPUT = "runs/demo"
-
-
-def is_all_caps(text: str) -> bool:
-    """At least three letters, and every letter upper case."""
-    letters = [c for c in text if c.isalpha()]
-    return len(letters) >= 3 and all(c.isupper() for c in letters)
 
 
 def example_path(name: str = DEMO_RECIPE) -> Path:
@@ -71,6 +67,10 @@ def run_demo(config_path: "str | Path | None" = None, heldout_path: "str | Path 
     from .recipe import run_folder, run_recipe
 
     cfg, prompts = demo_setup(config_path, heldout_path, output_dir)
+    check = behaviour(cfg.get("behaviour", "all_caps"))
+    if check.needs_answer:
+        raise ConfigError(f"the demo compares replies to held-out prompts without answers; behaviour {check.spec!r} "
+                          "needs an answer per row (use reftkit eval --behaviour for that)")
     run_folder(cfg["output_dir"], resume=resume, overwrite=overwrite)  # refuse now, before the model is loaded
     t0 = time.perf_counter()
     model, tok = load_model(cfg["model"])
@@ -87,8 +87,9 @@ def run_demo(config_path: "str | Path | None" = None, heldout_path: "str | Path 
         "steps": metrics["steps"], "final_loss": metrics["losses"][-1],
         "trainable_parameters": metrics["trainable_parameters"], "total_parameters": metrics["total_parameters"],
         "trainable_percent": metrics["trainable_percent"],
-        "base_success": sum(map(is_all_caps, base)) / len(prompts),
-        "adapted_success": sum(map(is_all_caps, adapted)) / len(prompts),
-        "replies": [{"prompt": p, "base": b, "adapted": a, "ok": is_all_caps(a)} for p, b, a in zip(prompts, base, adapted)],
+        "behaviour": check.spec,
+        "base_success": sum(map(check.check, base)) / len(prompts),
+        "adapted_success": sum(map(check.check, adapted)) / len(prompts),
+        "replies": [{"prompt": p, "base": b, "adapted": a, "ok": check.check(a)} for p, b, a in zip(prompts, base, adapted)],
         "adapter": metrics["adapter"], "output_dir": cfg["output_dir"], "loss_plot": metrics.get("loss_plot"),
     }

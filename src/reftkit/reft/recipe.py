@@ -41,6 +41,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..atomic import check_writable, recover_folder, replace_folder, write_file
+from ..behaviours import behaviour
 from ..errors import ConfigError, ReftkitError
 from .config import ReftConfig
 from .data import encode, read_rows
@@ -49,7 +50,7 @@ from .train import TASKS, TrainArgs, check_output_folder, is_empty_folder, train
 
 log = logging.getLogger(__name__)
 TOP_KEYS = {"model", "task", "data", "eval_data", "output_dir", "chat", "max_length", "reft", "train", "num_labels",
-            "label_names"}
+            "label_names", "behaviour"}
 PATH_KEYS = ("data", "eval_data", "output_dir")
 FLAGS = ("--resume (resume=True)", "--overwrite (overwrite=True)")
 
@@ -94,6 +95,8 @@ def load_recipe(path: "str | Path") -> dict:
     try:  # checked now, before a model is loaded
         reft_config(cfg)
         train_args(cfg)
+        if "behaviour" in cfg:  # the check `reftkit demo` and `reftkit eval --recipe` score replies with
+            behaviour(cfg["behaviour"])
     except ReftkitError as e:
         raise type(e)(f"{path}: {e}") from e
     return cfg
