@@ -30,7 +30,7 @@ from .atomic import write_folder
 from .errors import ConfigError, IncompatibleModelError, InterventionError, PositionError, SiteError
 from .interventions import build_intervention
 from .positions import Positions
-from .sites import Site, model_dims
+from .sites import Site, model_dims, resolve_site
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ _TOP_FIELDS = {"format_version", "reftkit_version", "model", "default_positions"
 _BINDING_FIELDS = {"name", "site", "intervention", "positions", "source", "source_site", "source_positions"}
 _FINGERPRINT_FIELDS = {"model_type", "hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads",
                        "model_class"}
+_SPEC_FIELDS = {"type", "config"}
+_SUBSPACE_FIELDS = ("low_rank_dimension", "interchange_dim", "n_components")
+"""Config fields that size a subspace of the edited vectors: at most the width of the site."""
 
 
 def model_fingerprint(model: nn.Module) -> dict:
@@ -117,10 +120,7 @@ def read_config(directory) -> dict:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise ConfigError(f"no {CONFIG_NAME} in {directory}; expected a folder written by IntervenableModel.save")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    config = read_json(path, "a folder written by IntervenableModel.save")
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
     _exact_fields(config, _TOP_FIELDS, str(path))
@@ -136,6 +136,11 @@ def read_config(directory) -> dict:
     specs, bindings = config["interventions"], config["bindings"]
     if not isinstance(specs, list) or not specs or not all(isinstance(s, dict) for s in specs):
         raise ConfigError(f"{path}: 'interventions' must be a non-empty list of {{'type', 'config'}} objects")
+    for k, spec in enumerate(specs):
+        _exact_fields(spec, _SPEC_FIELDS, f"{path}: intervention {k}")
+        if not isinstance(spec["type"], str) or not isinstance(spec["config"], dict):
+            raise ConfigError(f"{path}: intervention {k} needs a registry name in 'type' and an object in 'config', "
+                              f"got {spec['type']!r} and {type(spec['config']).__name__}")
     if not isinstance(bindings, list) or not bindings:
         raise ConfigError(f"{path}: 'bindings' must be a non-empty list")
     for j, b in enumerate(bindings):
@@ -150,6 +155,56 @@ def read_config(directory) -> dict:
         if not isinstance(b["name"], str) or not isinstance(b["site"], dict):
             raise ConfigError(f"{path}: binding {j} needs a string name and a site object")
     return config
+
+
+def read_json(path: Path, expected: str):
+    """The JSON document in `path` (UTF-8, a byte order mark allowed), or a `ConfigError` naming the file."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: byte {e.start} is not UTF-8 ({e.reason}); expected a JSON text, {expected}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, an int too long to convert, deep nesting
+        raise ConfigError(f"{path} is not valid JSON ({e}); expected {expected}") from None
+
+
+def check_weight_dtypes(module: nn.Module, state: dict, where: str) -> None:
+    """Refuse saved tensors of another kind than the module's own (integers or booleans for a floating weight, and
+    the reverse), which `load_state_dict` would silently cast. Floating dtypes may differ (float16 -> float32)."""
+    expected = module.state_dict()
+    for name, value in state.items():
+        want = expected.get(name)
+        if want is None or not isinstance(value, torch.Tensor):
+            continue
+        same_kind = value.is_floating_point() == want.is_floating_point() and value.is_complex() == want.is_complex()
+        if not same_kind or (not want.is_floating_point() and value.dtype != want.dtype):
+            raise ConfigError(f"{where}: tensor {name!r} is {value.dtype}, expected {want.dtype} "
+                              f"(shape {tuple(want.shape)}); save the weights again with reftkit")
+
+
+def _check_sizes(spec: dict, widths: list[int], declared: int, where: str) -> None:
+    """Refuse sizes in an intervention config that do not fit its sites, before anything is allocated: a config
+    read from a file must not make the loader build a tensor larger than the model or the weights file."""
+    config = spec["config"]
+    for name in ("embed_dim", *_SUBSPACE_FIELDS, "latent_dim"):
+        value = config.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"{where}: {name} must be a non-negative integer or null, got {value!r}")
+    width = config.get("embed_dim")
+    known = sorted({w for w in widths if w})  # None: a raw module whose width is read at its first activation
+    if width is not None and known and known != [width]:
+        raise ConfigError(f"{where}: embed_dim {width} does not match the width of its site(s) on this model "
+                          f"({', '.join(map(str, known))}); load the folder onto the model it was saved from")
+    width = width if width is not None else (known[0] if known else None)
+    if width is None:
+        return
+    for name in _SUBSPACE_FIELDS:
+        value = config.get(name)
+        if value is not None and value > width:
+            raise ConfigError(f"{where}: {name} {value} is larger than the width {width} of the vectors it edits")
+    latent = config.get("latent_dim")
+    if latent is not None and latent * width > declared:
+        raise ConfigError(f"{where}: latent_dim {latent} at width {width} needs at least {latent * width} weights, but "
+                          f"the weights file holds {declared} values for it")
 
 
 def _exact_fields(d: dict, expected: set, where: str) -> None:
@@ -200,15 +255,14 @@ def load_intervenable(model: nn.Module, directory):
     config = read_config(directory)
     where = str(Path(directory))
     check_fingerprint(model, config["model"], where)
-    interventions = []
-    for k, spec in enumerate(config["interventions"]):
+    specs = config["interventions"]
+    sites = [_parse_site(b["site"], f"{where}: binding {j} ({b['name']!r})") for j, b in enumerate(config["bindings"])]
+    widths: list[list[int]] = [[] for _ in specs]
+    for j, (b, site) in enumerate(zip(config["bindings"], sites)):
         try:
-            interventions.append(build_intervention(spec))
-        except ConfigError as e:
-            raise ConfigError(f"{where}: intervention {k}: {e}") from e
-        except (TypeError, ValueError, InterventionError) as e:
-            raise ConfigError(f"{where}: intervention {k} ({spec.get('type')!r}) cannot be built from {spec!r}: "
-                              f"{e}") from e
+            widths[b["intervention"]].append(resolve_site(model, site).width)
+        except SiteError as e:
+            raise IncompatibleModelError(f"{where}: binding {j} ({b['name']!r}) does not fit this model: {e}") from e
     weights_path = Path(directory) / WEIGHTS_NAME
     if not weights_path.is_file():
         raise ConfigError(f"no {WEIGHTS_NAME} in {where}")
@@ -216,13 +270,24 @@ def load_intervenable(model: nn.Module, directory):
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ConfigError(f"{weights_path} is not a readable safetensors file: {e}") from e
-    per: list[dict] = [{} for _ in interventions]
+    per: list[dict] = [{} for _ in specs]
     for key, value in tensors.items():
         index, _, name = key.partition(".")
-        if not index.isdigit() or int(index) >= len(interventions) or not name:
+        if not (index.isascii() and index.isdigit()) or int(index) >= len(specs) or not name:
             raise ConfigError(f"{weights_path}: unexpected tensor {key!r}; keys are '<intervention index>.<name>'")
         per[int(index)][name] = value
+    interventions = []
+    for k, spec in enumerate(specs):
+        _check_sizes(spec, widths[k], sum(t.numel() for t in per[k].values()), f"{where}: intervention {k}")
+        try:
+            interventions.append(build_intervention(spec))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: intervention {k}: {e}") from e
+        except (TypeError, ValueError, InterventionError) as e:
+            raise ConfigError(f"{where}: intervention {k} ({spec.get('type')!r}) cannot be built from {spec!r}: "
+                              f"{e}") from e
     for k, (iv, state) in enumerate(zip(interventions, per)):
+        check_weight_dtypes(iv, state, f"{weights_path}: intervention {k} ({iv.type_name})")
         try:
             iv.load_state_dict(state, strict=True)
         except (RuntimeError, InterventionError) as e:
@@ -236,7 +301,7 @@ def load_intervenable(model: nn.Module, directory):
     for j, b in enumerate(config["bindings"]):
         at = f"{where}: binding {j} ({b['name']!r})"
         bindings.append(Binding(
-            site=_parse_site(b["site"], at), intervention=interventions[b["intervention"]], name=b["name"],
+            site=sites[j], intervention=interventions[b["intervention"]], name=b["name"],
             positions=_parse_positions(b["positions"], at), source=b["source"],
             source_site=None if b["source_site"] is None else _parse_site(b["source_site"], at),
             source_positions=_parse_positions(b["source_positions"], at)))

@@ -17,14 +17,16 @@ Such a folder holds
   accept as they are (same layout, same parametrization).
 
 Classes are mapped by name through `PYREFT_TYPES`; nothing named in the folder is imported. The binaries are read
-with `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers. Floating weights
-are returned as float32 (pyreft's default learned source is bfloat16).
+with `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers, and only when they
+are `torch.save` zip archives whose declared sizes fit the file. Floating weights are returned as float32
+(pyreft's default learned source is bfloat16). Layers must be integers and components names or module paths
+(letters, digits, `_`, `[]` and `.`), so a file name built from them never leaves the folder.
 """
 
 from __future__ import annotations
 
-import json
 import re
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,6 +50,7 @@ REPRESENTATION_FIELDS = (
     "source_representation", "hidden_source_representation", "latent_dim",
 )
 
+_COMPONENT_RE = re.compile(r"[A-Za-z_][\w\[\]]*(?:\.[\w\[\]]+)*", re.ASCII)  # "block_output", "model.layers[0].mlp"
 _LOREFT_COMPACT = {"weight": "learned_source.weight", "bias": "learned_source.bias", "rotate_layer": "rotate_layer.weight"}
 _ROTATION_KEYS = ("rotate_layer.parametrizations.weight.original", "rotate_layer.parametrizations.weight.0.base")
 _KEYS: dict[str, tuple[str, ...]] = {
@@ -79,10 +82,12 @@ def read_pyreft_folder(path: str | Path) -> list[PyreftIntervention]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{folder} is not a pyreft folder: it has no config.json (save one with ReftModel.save)")
-    try:
-        saved = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{config_path} is not valid JSON: {e}") from None
+    from .io import read_json
+
+    saved = read_json(config_path, "pyvene's IntervenableConfig as pyreft saves it")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{config_path}: expected a JSON object (pyvene's IntervenableConfig), got "
+                          f"{type(saved).__name__}")
     reps, types = saved.get("representations"), saved.get("intervention_types")
     if not isinstance(reps, list) or not isinstance(types, list) or len(reps) != len(types):
         raise ConfigError(
@@ -99,12 +104,37 @@ def read_pyreft_folder(path: str | Path) -> list[PyreftIntervention]:
         if not binary.is_file():
             found = sorted(p.name for p in folder.glob("intkey_*.bin"))
             raise ConfigError(f"{folder}: the weights of intervention {key!r} ({binary.name}) are missing; found {found}")
-        state = torch.load(binary, weights_only=True, map_location="cpu")
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ConfigError(f"{binary} does not hold a state dict of tensors")
+        state = _load_binary(binary)
         config, state_dict = _convert(type_name, dict(state), rep, binary)
-        out.append(PyreftIntervention(int(rep["layer"]), str(rep["component"]), type_name, config, state_dict))
+        out.append(PyreftIntervention(rep["layer"], rep["component"], type_name, config, state_dict))
     return out
+
+
+def _load_binary(binary: Path) -> dict:
+    """A `torch.save`d state dict of tensors. The zip archive is checked first (torch writes its records
+    uncompressed, so no record can declare more bytes than the file has); then `weights_only=True` refuses
+    anything but tensors and plain containers: nothing named in the file is imported or run."""
+    try:
+        with zipfile.ZipFile(binary) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise ConfigError(f"{binary} is not a torch.save archive ({e}); expected the intkey_*.bin state dict pyreft "
+                          "writes") from None
+    size = binary.stat().st_size
+    if any(r.compress_type != zipfile.ZIP_STORED or r.file_size > size for r in records) or \
+            sum(r.file_size for r in records) > size:
+        raise ConfigError(f"{binary}: its records declare more bytes than the file holds ({size}) or are compressed; "
+                          "expected an archive written by torch.save")
+    try:
+        state = torch.load(binary, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - whatever torch's reader raises, the file is not a state dict
+        reason = " ".join(str(e).split())[:300]
+        raise ConfigError(f"{binary} is not a plain state dict of tensors ({type(e).__name__}: {reason}); expected "
+                          "the intkey_*.bin pyreft writes (read with weights_only=True, which loads no code)") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ConfigError(f"{binary} does not hold a state dict of tensors (names -> tensors)")
+    return state
 
 
 def _representation(rep, where: Path) -> dict:
@@ -116,7 +146,17 @@ def _representation(rep, where: Path) -> dict:
     if not isinstance(rep, dict):
         raise ConfigError(f"{where}: a representation must be a list or an object, got {rep!r}")
     rep = {"layer": 0, "component": "block_output", "unit": "pos", "max_number_of_units": 1, **rep}
-    if rep["unit"] != "pos" or int(rep["max_number_of_units"]) != 1:
+    for name in ("layer", "max_number_of_units"):
+        if isinstance(rep[name], bool) or not isinstance(rep[name], int) or rep[name] < 0:
+            raise ConfigError(f"{where}: a representation has {name} {rep[name]!r}; expected a non-negative integer")
+    rank = rep.get("low_rank_dimension")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+        raise ConfigError(f"{where}: a representation has low_rank_dimension {rank!r}; expected an integer or null")
+    component = rep["component"]
+    if not isinstance(component, str) or not _COMPONENT_RE.fullmatch(component):
+        raise ConfigError(f"{where}: a representation has component {component!r}; expected a component name such "
+                          "as 'block_output' or a module path such as 'model.layers.0.mlp'")
+    if rep["unit"] != "pos" or rep["max_number_of_units"] != 1:
         raise ConfigError(
             f"{where}: unit {rep['unit']!r} with max_number_of_units {rep['max_number_of_units']} is not supported; "
             "reftkit reads ReFT folders that intervene on token positions (unit 'pos', one unit)"
@@ -160,16 +200,19 @@ def _convert(type_name: str, state: dict, rep: dict, where: Path) -> tuple[dict,
     unknown = sorted(set(state) - set(_KEYS[type_name]))
     if unknown:
         raise ConfigError(f"{where}: unexpected weights {unknown} for a pyreft {type_name}; expected {_KEYS[type_name]}")
-    state = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    for key, value in state.items():
+        if not value.is_floating_point():
+            raise ConfigError(f"{where}: weight {key!r} is {value.dtype}; pyreft's weights are floating point")
+    state = {k: v.float().contiguous() for k, v in state.items()}
 
-    if "learned_source.weight" in state:
-        rank, width = state["learned_source.weight"].shape
-    elif "rotate_layer.weight" in state:
-        width, rank = state["rotate_layer.weight"].shape
-    elif _ROTATION_KEYS[0] in state:
-        width, rank = state[_ROTATION_KEYS[0]].shape
-    else:
+    key = next((k for k in ("learned_source.weight", "rotate_layer.weight", _ROTATION_KEYS[0]) if k in state), None)
+    if key is None:
         raise ConfigError(f"{where}: no weights to infer the width and rank of a pyreft {type_name} from")
+    if state[key].dim() != 2:
+        raise ConfigError(f"{where}: weight {key!r} has shape {tuple(state[key].shape)}; expected a matrix")
+    rank, width = state[key].shape if key == "learned_source.weight" else reversed(state[key].shape)
+    if embed_dim is not None and (not isinstance(embed_dim, torch.Tensor) or embed_dim.numel() != 1):
+        raise ConfigError(f"{where}: embed_dim must be a single number, got shape {tuple(embed_dim.shape)}")
     if embed_dim is not None and int(embed_dim) != width:
         raise ConfigError(f"{where}: embed_dim {int(embed_dim)} does not match the weights' width {width}")
     saved_rank = rep.get("low_rank_dimension")

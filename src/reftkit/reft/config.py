@@ -78,6 +78,14 @@ class ReftConfig:
             raise ConfigError(f"dropout_on must be 'edit' or 'output', got {self.dropout_on!r}")
         if not isinstance(self.positions, str):
             raise ConfigError(f"positions must be a string such as 'f1+l1', 'l1' or 'all', got {self.positions!r}")
+        if not isinstance(self.component, str) or not self.component:
+            raise ConfigError(f"component must be a component name such as 'block_output', got {self.component!r}")
+        if not isinstance(self.tied, bool):
+            raise ConfigError(f"tied must be true or false, got {self.tied!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.act_fn is not None and not isinstance(self.act_fn, str):
+            raise ConfigError(f"act_fn must be an activation name or null, got {self.act_fn!r}")
         if not isinstance(self.extra, dict):
             raise ConfigError(f"extra must be a mapping of intervention config fields, got {self.extra!r}")
         if "modules_to_save" in self.extra:  # accepted where older configs put it
@@ -130,8 +138,13 @@ class ReftConfig:
         cfg = {k: v for k, v in cfg.items() if k in names and (k != "act_fn" or v is not None)}
         cfg.update(self.extra)
         cfg.update(spec.config)
+        if cfg.get("embed_dim", width) != width:  # a size read from a file must not allocate beyond the model
+            raise ConfigError(f"embed_dim {cfg['embed_dim']!r} does not match the width {width} of {site_name}; "
+                              "leave embed_dim out, it is the site's width")
         rank = cfg.get("low_rank_dimension")
-        if "low_rank_dimension" in names and rank is not None and int(rank) > width:
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+            raise ConfigError(f"rank (low_rank_dimension) must be an integer, got {rank!r}")
+        if "low_rank_dimension" in names and rank is not None and rank > width:
             raise ConfigError(f"rank {rank} is larger than the width {width} of {site_name} (the hidden size of "
                               f"this model); choose a rank of at most {width}")
         return cfg

@@ -15,6 +15,7 @@ Bad rows raise `DataError` naming the file, the row number and the field.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,28 +32,47 @@ def read_rows(path: "str | Path") -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if path.suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            rows = list(reader)
+        except csv.Error as e:
+            raise DataError(f"{path}: not valid CSV after line {reader.line_num} ({e}); expected a header row of "
+                            "field names, then one row per example") from e
     elif path.suffix == ".json":
         try:
             rows = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, an int too long to convert, deep nesting
             raise DataError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(rows, list):
             raise DataError(f"{path}: a .json data file holds a list of objects")
     else:
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # lines end at "\n" only: JSON strings may hold U+2028 and other characters `splitlines` breaks at
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})") from e
+            except (ValueError, RecursionError) as e:
+                raise DataError(f"{path}, line {n}: not valid JSON ({e})") from e
     if not rows:
         raise DataError(f"{path} holds no examples")
     return rows
+
+
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8, with or without a byte order mark (spreadsheet programs write one)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: byte {e.start} is not UTF-8 ({e.reason}); data files must be UTF-8 "
+                        "text (re-save the file as UTF-8)") from None
 
 
 def check_rows(rows: list[dict], task: str, where: str = "data") -> None:
@@ -66,6 +86,30 @@ def check_rows(rows: list[dict], task: str, where: str = "data") -> None:
         for f in TASK_FIELDS[task]:
             if f not in row or row[f] is None or (isinstance(row[f], str) and f != "completion" and not row[f].strip()):
                 raise DataError(f"{where}, row {i}: missing field {f!r} (a {task} row needs {', '.join(TASK_FIELDS[task])})")
+            value = row[f]
+            if f == "label":
+                if isinstance(value, bool) or not isinstance(value, (int, str)):
+                    raise DataError(f"{where}, row {i}: label must be an integer or a string (a name in label_names), "
+                                    f"got {_show(value)}")
+            elif not isinstance(value, str):
+                raise DataError(f"{where}, row {i}: field {f!r} must be a string, got {_show(value)}; quote numbers "
+                                "and join lists into one text")
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _label_id(label: str, label_names: list[str] | None, where: str) -> int:
+    """A string label: an integer written as text ("1", "-1"), else a name in `label_names`."""
+    try:
+        return int(label)
+    except ValueError:
+        pass
+    if not label_names or label not in label_names:
+        raise DataError(f"{where}: label {label!r} is not among label_names {label_names}")
+    return label_names.index(label)
 
 
 def _completion_ids(tokenizer, text: str) -> list[int]:
@@ -90,11 +134,9 @@ def encode(tokenizer, rows: list[dict], task: str = "sft", *, chat: bool = True,
         if task == "classification":
             ids = tokenizer(str(row["text"]), truncation=False)["input_ids"]
             label = row["label"]
-            if isinstance(label, str) and not label.lstrip("-").isdigit():
-                if not label_names or label not in label_names:
-                    raise DataError(f"{where}, row {i}: label {label!r} is not among label_names {label_names}")
-                label = label_names.index(label)
-            ex = Example(ids, label=int(label))
+            if isinstance(label, str):
+                label = _label_id(label, label_names, f"{where}, row {i}")
+            ex = Example(ids, label=label)
             total = len(ids)
         else:
             p = prompt_ids(tokenizer, str(row["prompt"]), chat)

@@ -38,6 +38,7 @@ from ..atomic import write_folder
 from ..engine import Binding, IntervenableModel
 from ..errors import ConfigError, IncompatibleModelError, MissingDependencyError, ReftkitError
 from ..interventions import build_intervention
+from ..io import check_weight_dtypes
 from ..sites import Site, model_dims, resolve_site
 from .config import ReftConfig, read_pyreft_adapter
 
@@ -81,8 +82,8 @@ class ReftModel(nn.Module):
 
     # ---- adapters ---------------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: ReftConfig, *, activate: bool = True) -> None:
-        if not isinstance(name, str) or not name or "/" in name or "." in name:
-            raise ConfigError(f"adapter names cannot be empty or contain '/' or '.', got {name!r}")
+        if not isinstance(name, str) or not name or any(c in name for c in "/\\.\0"):
+            raise ConfigError(f"adapter names cannot be empty or contain '/', '\\', '.' or NUL, got {name!r}")
         if name in self.configs:
             raise ConfigError(f"an adapter named {name!r} exists already; adapters: {list(self.configs)}")
         if not isinstance(config, ReftConfig):
@@ -308,7 +309,14 @@ class ReftModel(nn.Module):
             if positions is not None:
                 config.positions = positions
                 config.position_spec()
-        self.add_adapter(adapter_name, config)
+        try:
+            self.add_adapter(adapter_name, config)
+        except ReftkitError as e:  # a site this model lacks, a rank above its width, ...: name the folder
+            if str(directory) in str(e):
+                raise
+            raise type(e)(f"{directory}: {e}") from e
+        except (TypeError, ValueError, OverflowError) as e:  # a field the config checks let through
+            raise ConfigError(f"{directory}: the adapter cannot be built on this model ({type(e).__name__}: {e})") from e
         try:
             self._load_state(adapter_name, state, directory)
         except BaseException:  # weights that do not fit leave no half-loaded adapter behind
@@ -327,6 +335,7 @@ class ReftModel(nn.Module):
         for prefix, module, what in parts:
             part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             used |= {prefix + k for k in part}
+            check_weight_dtypes(module, part, f"{where}: {what}")
             try:
                 module.load_state_dict(part, strict=True)
             except (RuntimeError, ReftkitError) as e:
@@ -358,17 +367,26 @@ def _read_adapter(directory: Path, model: nn.Module) -> tuple[ReftConfig, dict[s
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not (directory / CONFIG_NAME).is_file():
+    path = directory / CONFIG_NAME
+    if not path.is_file():
         raise ConfigError(f"{directory} holds no {CONFIG_NAME}; save adapters with save_pretrained()")
+    try:  # UTF-8, a byte order mark allowed
+        meta = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, an int too long to convert, deep nesting
+        raise ConfigError(f"{path} is not a valid adapter config ({type(e).__name__}: {e}); expected the JSON "
+                          "object save_pretrained() writes") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or \
+            not isinstance(meta.get("model", {}), dict):
+        raise ConfigError(f"{path} is not a valid adapter config: expected an object with a 'config' object (and a "
+                          "'model' object); save the adapter again with save_pretrained()")
     try:
-        meta = json.loads((directory / CONFIG_NAME).read_text())
         config = ReftConfig.from_dict(meta["config"])
-        saved_model = meta.get("model", {})
-        if not isinstance(saved_model, dict):
-            raise TypeError("'model' must be a mapping")
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{directory / CONFIG_NAME} is not a valid adapter config ({type(e).__name__}: {e}); "
+    except ReftkitError as e:
+        raise type(e)(f"{path}: {e}") from e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path} is not a valid adapter config ({type(e).__name__}: {e}); "
                           "save the adapter again with save_pretrained()") from e
+    saved_model = meta.get("model", {})
     _check_fingerprint(saved_model, model, directory)
     try:
         return config, load_file(str(directory / WEIGHTS_NAME))
@@ -397,7 +415,7 @@ def _check_fingerprint(saved: dict, model: nn.Module, where) -> None:
     for key in ("hidden_size", "num_layers"):
         if key in saved and saved[key] != now[key]:
             raise IncompatibleModelError(
-                f"the adapter in {where} was trained on a model with {key}={saved[key]}, but this model has "
+                f"the adapter in {where} was trained on a model with {key}={saved[key]!r}, but this model has "
                 f"{key}={now[key]}; load it onto the model it was trained for"
             )
     if saved.get("model_type") and saved["model_type"] != now["model_type"]:
