@@ -775,8 +775,10 @@ def test_cli_train_with_a_bad_recipe(tmp_path, monkeypatch, capsys, content, mat
 
 
 @pytest.mark.parametrize("change,match", [
-    pytest.param(write(ACONFIG, noise(512, "cli-adapter")), "not a valid adapter config", id="config-random-bytes"),
-    pytest.param(write(AWEIGHTS, WEIGHT_FILE_CASES[2][1]), "header too large", id="weights-header-claims-8-EB"),
+    pytest.param(write(ACONFIG, noise(512, "cli-adapter")), "not (a )?valid (adapter config|JSON)",
+                 id="config-random-bytes"),
+    pytest.param(write(AWEIGHTS, WEIGHT_FILE_CASES[2][1]), "adapter_model.safetensors.*(header|safetensors)",
+                 id="weights-header-claims-8-EB"),
     pytest.param(ac("method", "os.system"), "unknown ReFT method", id="method-os-system"),
     pytest.param(ac("extra", {"embed_dim": 10**12}), "does not match the width", id="embed-dim-10e12"),
 ])
