@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-numerics bench clean
+.PHONY: install demo test test-numerics bench docs clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: $(STAMP)
 # the tests that compare numbers with references, again under a second CPU code path (see the script)
 test-numerics: $(STAMP)
 	bash tools/second_code_path.sh $(BIN)/python $(BIN)/python -m pytest -q -m numerics -p no:cacheprovider
+
+# the documentation site (docs/ + the API reference from the docstrings) into site/; any warning fails the build
+docs: $(STAMP)
+	$(BIN)/python -c "import mkdocs, mkdocstrings_handlers.python, pymdownx" 2>/dev/null || $(BIN)/pip install -q -e ".[docs]"
+	$(BIN)/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

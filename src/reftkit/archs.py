@@ -55,7 +55,7 @@ HEAD_COMPONENTS = {
 @dataclass(frozen=True)
 class FusedQKV:
     """A fused projection: `layout` is "blocked" ([q | k | v], each full width, e.g. GPT-2's `c_attn`) or
-    "per_head" ([h0: q k v][h1: q k v]..., e.g. GPT-NeoX's `query_key_value`)."""
+    "per_head" (`[h0: q k v][h1: q k v]...`, e.g. GPT-NeoX's `query_key_value`)."""
 
     path: str
     layout: str
