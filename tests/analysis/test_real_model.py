@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from numerics import assert_close
 
 from reftkit.analysis.patching import LogitDifference, activation_patching

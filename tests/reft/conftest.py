@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+import reftkit.reft.train as train_module
+from reftkit.cli import main
 from reftkit.models import build_tiny_model, build_tiny_tokenizer
 
 ANIMALS = [("cat", "meow"), ("dog", "woof"), ("cow", "moo"), ("owl", "hoot")]
@@ -32,3 +34,22 @@ def tok():
 @pytest.fixture
 def animal_rows():
     return [{"prompt": p, "completion": c} for p, c in ANIMALS] * 2
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """`reftkit ARGV` in-process -> (exit code, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def interrupt_after(monkeypatch, step: int) -> None:
+    """Make training stop with KeyboardInterrupt right after the checkpoint of `step` is written."""
+    real_save = train_module._save_checkpoint
+
+    def save_then_interrupt(reft, opt, sched, state, directory):
+        real_save(reft, opt, sched, state, directory)
+        if state["step"] == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_interrupt)

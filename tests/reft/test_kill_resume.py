@@ -29,7 +29,7 @@ from reftkit.reft.data import encode
 from reftkit.reft.model import ReftModel
 from reftkit.reft.train import TrainArgs, train
 
-from .conftest import ANIMALS
+from .conftest import ANIMALS, interrupt_after
 
 STEPS = 40
 # The subprocess runs `reftkit train` with one torch thread, as the in-process reference does (conftest), and
@@ -265,17 +265,6 @@ def test_recover_folder_leaves_one_complete_folder(tmp_path, state, expected):
 
 
 # ---------------------------------------------------------------------------------------------- Ctrl-C
-
-def interrupt_after(monkeypatch, step: int) -> None:
-    real_save = train_module._save_checkpoint
-
-    def save_then_interrupt(reft, opt, sched, state, directory):
-        real_save(reft, opt, sched, state, directory)
-        if state["step"] == step:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_interrupt)
-
 
 def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, capsys, monkeypatch):
     recipe = write_recipe(tmp_path, "ctrl-c")

@@ -17,7 +17,6 @@ import yaml
 from safetensors.torch import load_file
 
 import reftkit.reft.train as train_module
-from reftkit.cli import main
 from reftkit.errors import OutputError
 from reftkit.models import build_tiny_model
 from reftkit.reft.config import ReftConfig
@@ -26,15 +25,9 @@ from reftkit.reft.model import ReftModel
 from reftkit.reft.recipe import load_recipe, run_recipe
 from reftkit.reft.train import TrainArgs, train
 
-from .conftest import ANIMALS
+from .conftest import ANIMALS, interrupt_after, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture
@@ -61,17 +54,6 @@ def steps_in(run_dir: Path) -> int:
     return json.loads((run_dir / "metrics.json").read_text())["steps"]
 
 
-def interrupt_at(monkeypatch, step: int) -> None:
-    real_save = train_module._save_checkpoint
-
-    def save_then_interrupt(reft, opt, sched, state, directory):
-        real_save(reft, opt, sched, state, directory)
-        if state["step"] == step:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_interrupt)
-
-
 def no_model(*args, **kwargs):
     raise AssertionError("a model was loaded before the output folder was checked")
 
@@ -79,10 +61,10 @@ def no_model(*args, **kwargs):
 # -------------------------------------------------------------------------------- refusing a non-empty folder
 
 def test_train_refuses_a_non_empty_run_folder_naming_it_and_both_flags(capsys, recipe, tmp_path, monkeypatch):
-    assert run(capsys, "train", recipe(), "--json")[0] == 0
+    assert run_cli(capsys, "train", recipe(), "--json")[0] == 0
     before = {str(p): p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
     monkeypatch.setattr("reftkit.models.load_model", no_model)
-    code, out, err = run(capsys, "train", recipe())
+    code, out, err = run_cli(capsys, "train", recipe())
     assert code == 2 and out == ""
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"error: output folder {tmp_path / 'run'} is not empty")
@@ -90,7 +72,7 @@ def test_train_refuses_a_non_empty_run_folder_naming_it_and_both_flags(capsys, r
     assert {str(p): p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before  # nothing touched
     with pytest.raises(OutputError, match=r"resume=True.*overwrite=True"):
         run_recipe(load_recipe(recipe()), progress=False)
-    code, _, err = run(capsys, "train", recipe(), "--resume", "--overwrite")
+    code, _, err = run_cli(capsys, "train", recipe(), "--resume", "--overwrite")
     assert code == 2 and "not allowed with argument" in err
 
 
@@ -114,12 +96,12 @@ def test_train_function_refuses_a_non_empty_output_dir_unless_resume_or_overwrit
 
 def test_overwrite_replaces_the_run_only_once_the_new_run_is_complete(capsys, recipe, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    assert run(capsys, "train", recipe(max_steps=4), "--json")[0] == 0
+    assert run_cli(capsys, "train", recipe(max_steps=4), "--json")[0] == 0
     (out / "notes.txt").write_text("from the first run")
 
     with monkeypatch.context() as m:  # the replacement is interrupted half-way: the first run is untouched
-        interrupt_at(m, 2)
-        code, _, err = run(capsys, "train", recipe(max_steps=6), "--overwrite")
+        interrupt_after(m, 2)
+        code, _, err = run_cli(capsys, "train", recipe(max_steps=6), "--overwrite")
     assert code == 130
     staging = tmp_path / ".run.overwrite"
     assert err.strip().splitlines()[-1].endswith(f"the checkpoint of step 2 is in {staging / 'checkpoint'}; "
@@ -127,14 +109,14 @@ def test_overwrite_replaces_the_run_only_once_the_new_run_is_complete(capsys, re
     assert steps_in(out) == 4 and (out / "notes.txt").exists()
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
 
-    code, out_text, err = run(capsys, "train", recipe(max_steps=6), "--resume", "--json")  # finishes the replacement
+    code, out_text, err = run_cli(capsys, "train", recipe(max_steps=6), "--resume", "--json")  # finishes the replacement
     assert code == 0, err
     assert json.loads(out_text)["steps"] == 6 and json.loads(out_text)["adapter"] == str(out / "adapter")
     assert steps_in(out) == 6 and not (out / "notes.txt").exists()  # the whole run was replaced, not mixed
     assert listing(out) == ["adapter", "checkpoint", "loss.png", "metrics.json"]
     assert listing(tmp_path) == ["animals.jsonl", "recipe.yaml", "run"]  # no staging or old copy left
 
-    assert run(capsys, "train", recipe(max_steps=2), "--overwrite", "--json")[0] == 0
+    assert run_cli(capsys, "train", recipe(max_steps=2), "--overwrite", "--json")[0] == 0
     assert steps_in(out) == 2 and len(json.loads((out / "metrics.json").read_text())["losses"]) == 2
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
     assert listing(tmp_path) == ["animals.jsonl", "recipe.yaml", "run"]
@@ -145,7 +127,7 @@ def test_overwrite_replaces_the_run_only_once_the_new_run_is_complete(capsys, re
 def test_an_output_folder_under_a_file_fails_before_the_model_is_loaded(capsys, recipe, tmp_path, monkeypatch):
     (tmp_path / "taken").write_text("a file")
     monkeypatch.setattr("reftkit.models.load_model", no_model)
-    code, out, err = run(capsys, "train", recipe(output_dir="taken/run"))
+    code, out, err = run_cli(capsys, "train", recipe(output_dir="taken/run"))
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 2  # the status line, then the error
     assert err.strip().splitlines()[-1] == (
         f"error: cannot write to {tmp_path / 'taken' / 'run'}: {tmp_path / 'taken'}, a folder above it, is a file, "
@@ -173,7 +155,7 @@ def test_a_read_only_output_folder_fails_before_training(capsys, recipe, tmp_pat
     (tmp_path / "run").mkdir()
     os.chmod(tmp_path / "run", 0o555)
     try:
-        code, _, err = run(capsys, "train", recipe())
+        code, _, err = run_cli(capsys, "train", recipe())
     finally:
         os.chmod(tmp_path / "run", 0o755)
     assert code == 2 and f"cannot write to {tmp_path / 'run'}" in err.strip().splitlines()[-1]
@@ -192,7 +174,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_names_the_folder(c
         return real_save_file(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", enospc_on_the_second_checkpoint)
-    code, _, err = run(capsys, "train", recipe())
+    code, _, err = run_cli(capsys, "train", recipe())
     checkpoint = tmp_path / "run" / "checkpoint"
     assert code == 2
     assert err.strip().splitlines()[-1].startswith(f"error: could not write {checkpoint}: No space left on device")
@@ -203,7 +185,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_names_the_folder(c
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
     assert all(load_file(str(p)) is not None for p in checkpoint.glob("*.safetensors"))  # complete and readable
     monkeypatch.setattr(safetensors.torch, "save_file", real_save_file)
-    code, out, err = run(capsys, "train", recipe(), "--resume", "--json")
+    code, out, err = run_cli(capsys, "train", recipe(), "--resume", "--json")
     assert code == 0, err
     assert json.loads(out)["steps"] == 4
 
@@ -248,7 +230,7 @@ def test_the_demo_refuses_a_non_empty_run_folder_before_loading_the_model(capsys
     (tmp_path / "runs" / "demo" / "metrics.json").write_text("{}")
     with pytest.raises(OutputError, match=r"runs/demo is not empty"):
         run_demo()
-    code, out, err = run(capsys, "demo")
+    code, out, err = run_cli(capsys, "demo")
     assert code == 2 and out == ""
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: output folder runs/demo is not empty") and "--resume" in line and "--overwrite" in line

@@ -8,18 +8,11 @@ import pytest
 import torch
 import yaml
 
-from reftkit.cli import main
 from reftkit.errors import ConfigError
 from reftkit.reft.evaluate import evaluate_file
 from reftkit.reft.recipe import load_recipe, run_recipe
 
-from .conftest import ANIMALS
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from .conftest import ANIMALS, run_cli
 
 
 @pytest.fixture
@@ -41,7 +34,7 @@ def recipe(tmp_path):
 
 
 def test_train_command_writes_adapter_metrics_and_plot(capsys, recipe, tmp_path):
-    code, out, err = run(capsys, "train", recipe())
+    code, out, err = run_cli(capsys, "train", recipe())
     assert code == 0, err
     run_dir = tmp_path / "run"
     assert {p.name for p in (run_dir / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
@@ -51,7 +44,7 @@ def test_train_command_writes_adapter_metrics_and_plot(capsys, recipe, tmp_path)
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "trained 4 steps" in out and f"adapter: {run_dir / 'adapter'}" in out
 
-    code, out, err = run(capsys, "train", recipe(train={"max_steps": 6, "batch_size": 4, "lr": 0.01, "save_every": 2}),
+    code, out, err = run_cli(capsys, "train", recipe(train={"max_steps": 6, "batch_size": 4, "lr": 0.01, "save_every": 2}),
                          "--resume", "--json")
     assert code == 0, err
     resumed = json.loads(out)
@@ -60,16 +53,16 @@ def test_train_command_writes_adapter_metrics_and_plot(capsys, recipe, tmp_path)
 
 
 def test_eval_and_generate_with_the_trained_adapter(capsys, recipe, tmp_path):
-    assert run(capsys, "train", recipe(), "--json")[0] == 0
+    assert run_cli(capsys, "train", recipe(), "--json")[0] == 0
     adapter, data = tmp_path / "run" / "adapter", tmp_path / "animals.jsonl"
-    code, out, err = run(capsys, "eval", "--model", "tiny-llama", "--adapter", adapter, "--data", data,
+    code, out, err = run_cli(capsys, "eval", "--model", "tiny-llama", "--adapter", adapter, "--data", data,
                          "--no-chat", "--json")
     assert code == 0, err
     with_adapter = json.loads(out)
     assert with_adapter["examples"] == 8 and with_adapter["loss"] > 0
-    code, out, _ = run(capsys, "eval", "--model", "tiny-llama", "--data", data, "--no-chat", "--json")
+    code, out, _ = run_cli(capsys, "eval", "--model", "tiny-llama", "--data", data, "--no-chat", "--json")
     assert code == 0 and json.loads(out)["loss"] != with_adapter["loss"]
-    code, out, err = run(capsys, "generate", "--model", "tiny-llama", "--adapter", adapter, "--prompt", "cat",
+    code, out, err = run_cli(capsys, "generate", "--model", "tiny-llama", "--adapter", adapter, "--prompt", "cat",
                          "--no-chat", "--max-new-tokens", "3", "--json")
     assert code == 0, err
     assert json.loads(out)["outputs"][0]["prompt"] == "cat"
@@ -86,14 +79,14 @@ def test_eval_and_generate_with_the_trained_adapter(capsys, recipe, tmp_path):
 def test_bad_recipes_exit_2_with_one_line(capsys, recipe, changes, match):
     import re
 
-    code, out, err = run(capsys, "train", recipe(**changes))
+    code, out, err = run_cli(capsys, "train", recipe(**changes))
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert re.search(match, err)
 
 
 def test_resume_without_a_checkpoint_is_an_error(capsys, recipe):
-    code, _, err = run(capsys, "train", recipe(), "--resume")
+    code, _, err = run_cli(capsys, "train", recipe(), "--resume")
     assert code == 2 and "nothing to resume" in err
 
 
@@ -138,7 +131,7 @@ def test_train_gives_the_same_run_from_any_current_folder(capsys, recipe, tmp_pa
     cwd = tmp_path / "somewhere" / "else"
     cwd.mkdir(parents=True)
     monkeypatch.chdir(cwd)
-    code, out, err = run(capsys, "train", path, "--json")
+    code, out, err = run_cli(capsys, "train", path, "--json")
     assert code == 0, err
     assert json.loads(out)["adapter"] == str(tmp_path / "run-here" / "adapter")
     assert (tmp_path / "run-here" / "metrics.json").is_file() and list(cwd.iterdir()) == []
