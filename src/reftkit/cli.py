@@ -7,7 +7,12 @@ Design decisions
   has a help line, and every option with a value shows its default (`%(default)s`).
 - `--json`, `--verbose` and `--debug` are accepted before and after the subcommand: they live on the top-level
   parser and are repeated on each subparser with `argparse.SUPPRESS` defaults, so a flag given in either place
-  wins (options that later apply to every command, such as a device or dtype, belong in `_global_options`).
+  wins. `--device` and `--dtype` are options of the commands that load a model (`_add_device_arguments`, read by
+  `load_for_cli`), not global ones: `models list` and `adapters` load nothing.
+- `--adapter DIR` is checked before any model is loaded (`check_adapter_for_cli`): the folder, its config and the
+  safetensors header of its weights, then the widths it records against the model's config.json where that is
+  cheap. Without `--model`, the adapter's recorded base model is loaded. `adapters inspect/list` read the same
+  files without importing torch.
 - stdout carries only results (a table or one JSON document); status lines, progress bars and logs go to stderr.
   A reader that closes stdout early (`reftkit models list | head -1`) ends the command quietly with status 0.
 - transformers' own output (its "Loading weights" bars, load reports and warnings) is silenced for commands
@@ -420,6 +425,18 @@ def _count(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else "-"
 
 
+def _training_text(metrics: dict) -> str:
+    """"12 steps, final loss 1.2500, eval loss 1.5000, 4.2 s (runs/caps/metrics.json)"."""
+    def number(key: str) -> bool:
+        return isinstance(metrics.get(key), (int, float)) and not isinstance(metrics.get(key), bool)
+
+    parts = [f"{metrics['steps']} steps" if number("steps") else None,
+             f"final loss {metrics['final_loss']:.4f}" if number("final_loss") else None,
+             f"eval loss {metrics['eval_loss']:.4f}" if number("eval_loss") else None,
+             f"{metrics['train_seconds']:.1f} s" if number("train_seconds") else None]
+    return f"{', '.join(p for p in parts if p)} ({metrics['path']})"
+
+
 def _run_adapters(args: argparse.Namespace) -> int:
     from reftkit.adapters import describe_base, find_adapters, read_adapter
 
@@ -444,13 +461,8 @@ def _run_adapters(args: argparse.Namespace) -> int:
                 ("base model", describe_base(record) if record else _base_text(info)),
                 ("fingerprint", f"{weights['tensor']} {weights.get('shape')}" if weights else None),
                 ("reftkit", info.get("reftkit_version"))]
-        metrics = info.get("metrics")
-        if metrics:
-            parts = [f"{metrics['steps']} steps" if "steps" in metrics else None,
-                     f"final loss {metrics['final_loss']:.4f}" if isinstance(metrics.get("final_loss"), float) else None,
-                     f"eval loss {metrics['eval_loss']:.4f}" if isinstance(metrics.get("eval_loss"), float) else None,
-                     f"{metrics['train_seconds']:.1f} s" if isinstance(metrics.get("train_seconds"), (int, float)) else None]
-            rows.append(("training", f"{', '.join(p for p in parts if p)} ({metrics['path']})"))
+        if info.get("metrics"):
+            rows.append(("training", _training_text(info["metrics"])))
         width = max(len(key) for key, _ in rows)
         for key, value in rows:
             if value is not None:

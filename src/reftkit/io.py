@@ -15,6 +15,9 @@ Design decisions:
   target, which is then renamed into place; an existing save is replaced only once the new one is complete.
 - **Strict reading.** Unknown or missing fields and unknown format versions are `ConfigError`s; a model that does
   not match the saved fingerprint is an `IncompatibleModelError` naming what differs.
+- **The base model is recorded** (`base_model`: source, architecture, widths, a weight fingerprint; see
+  `reftkit.adapters`). It is the one optional top-level field: folders written before it existed load, and a
+  model other than the recorded one is an `IncompatibleModelError` naming both.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapters import base_model_record, check_base_model, naming_bases
 from .atomic import write_folder
 from .errors import ConfigError, IncompatibleModelError, InterventionError, PositionError, SiteError
 from .interventions import build_intervention
@@ -38,6 +42,7 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "interventions.safetensors"
 _TOP_FIELDS = {"format_version", "reftkit_version", "model", "default_positions", "bindings", "interventions"}
+_OPTIONAL_TOP_FIELDS = {"base_model"}  # absent from folders written before it was recorded
 _BINDING_FIELDS = {"name", "site", "intervention", "positions", "source", "source_site", "source_positions"}
 _FINGERPRINT_FIELDS = {"model_type", "hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads",
                        "model_class"}
@@ -89,7 +94,7 @@ def build_config(im) -> dict:
         specs.append(spec)
     return {"format_version": FORMAT_VERSION, "reftkit_version": __version__, "model": model_fingerprint(im.model),
             "default_positions": _positions_dict(im.default_positions, "default positions"),
-            "bindings": bindings, "interventions": specs}
+            "bindings": bindings, "interventions": specs, "base_model": base_model_record(im.model)}
 
 
 def _state_tensors(im) -> dict[str, torch.Tensor]:
@@ -123,7 +128,9 @@ def read_config(directory) -> dict:
     config = read_json(path, "a folder written by IntervenableModel.save")
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
-    _exact_fields(config, _TOP_FIELDS, str(path))
+    _exact_fields({k: v for k, v in config.items() if k not in _OPTIONAL_TOP_FIELDS}, _TOP_FIELDS, str(path))
+    if not isinstance(config.get("base_model", {}), (dict, type(None))):
+        raise ConfigError(f"{path}: 'base_model' must be an object or null, got {config['base_model']!r}")
     version = config["format_version"]
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ConfigError(f"{path}: format_version must be a positive integer, got {version!r}")
@@ -245,8 +252,9 @@ def _parse_positions(d, where: str):
         raise ConfigError(f"{where}: bad positions {d!r}: {e}") from e
 
 
-def load_intervenable(model: nn.Module, directory):
-    """Rebuild the `IntervenableModel` saved in `directory` on `model`."""
+def load_intervenable(model: nn.Module, directory, *, check_base: bool = True):
+    """Rebuild the `IntervenableModel` saved in `directory` on `model`, which must be the recorded base model (its
+    weights too, unless `check_base=False`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -254,7 +262,11 @@ def load_intervenable(model: nn.Module, directory):
 
     config = read_config(directory)
     where = str(Path(directory))
-    check_fingerprint(model, config["model"], where)
+    try:
+        check_fingerprint(model, config["model"], where)
+    except IncompatibleModelError as e:
+        raise naming_bases(e, config.get("base_model"), model) from None
+    check_base_model(config.get("base_model"), model, where, check_weights=check_base)
     specs = config["interventions"]
     sites = [_parse_site(b["site"], f"{where}: binding {j} ({b['name']!r})") for j, b in enumerate(config["bindings"])]
     widths: list[list[int]] = [[] for _ in specs]

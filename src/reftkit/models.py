@@ -26,6 +26,16 @@ Design decisions
   the model tables without them; the functions that build or load a model import torch when called.
 - A local folder must hold its tokenizer (tokenizer.json, tokenizer_config.json or vocabulary files); one
   without says so and how to fix it, instead of transformers' unrelated advice to install sentencepiece.
+- Hugging Face Hub ids (`org/name`, `org/name@revision`) that are not local paths resolve to a snapshot folder
+  of the Hugging Face cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, read at call time) and then load exactly like
+  a local folder. The cache is looked at first; only a miss asks the Hub, and then only for configs, tokenizer
+  files and safetensors weights. With `HF_HUB_OFFLINE` set, or the Hub unreachable, a miss is one
+  `ModelNotFoundError` naming the cache folder.
+- `device` and `dtype` take torch objects or strings ("cpu", "cuda", "cuda:1", "mps", "auto"; "float32",
+  "bfloat16"/"bf16", "float16"/"fp16", "auto"); they are checked before anything is loaded.
+- Every loaded model carries `model.reftkit_source`: the built-in name, the Hub id, or the absolute path of the
+  folder or .gguf file it came from. It is a plain attribute of the module, not of its config, so
+  `save_pretrained` never writes it into another folder's config.json. Adapters record it as their base model.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -116,20 +127,28 @@ def list_models() -> list[dict[str, Any]]:
     return rows
 
 
-def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               task: str = "auto", num_labels: int | None = None, seed: int = 0) -> tuple[Any, Any]:
-    """Load `(model, tokenizer)` from a built-in name, a local Hugging Face folder or a `.gguf` file.
+def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+               device: str | torch.device | None = "cpu", task: str = "auto", num_labels: int | None = None,
+               seed: int = 0) -> tuple[Any, Any]:
+    """Load `(model, tokenizer)` from a built-in name, a local Hugging Face folder, a `.gguf` file or a Hugging Face
+    Hub id (`org/name` or `org/name@revision`, from the local Hugging Face cache or, when reachable, the Hub).
 
     `task` is "auto" (causal LM for decoders, bare encoder for encoders), "causal-lm",
     "sequence-classification" (a new head, initialised with `seed`, with `num_labels` outputs) or
-    "feature-extraction" (alias "encoder"). `dtype` defaults to float32. The model is returned in eval mode on
-    `device`.
-    """
-    import torch
+    "feature-extraction" (alias "encoder").
 
-    dtype = torch.float32 if dtype is None else dtype
+    `dtype` is a torch floating dtype or one of "float32" (the default, also `None`), "bfloat16" ("bf16"),
+    "float16" ("fp16", "half"), "float64" or "auto" (the dtype stored in the model's config; float32 for tiny
+    models and for built-in models, which are cached in float32). `device` is a torch device or "cpu" (the
+    default), "cuda", "cuda:N", "mps" or "auto" (cuda when available, then mps, else cpu); an unknown value or a
+    device this machine does not have is a `ConfigError`, raised before anything is loaded. The model is
+    returned in eval mode on `device`, with `model.reftkit_source` naming where it came from.
+    """
+    dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
     name = str(name_or_path)
     extra = {} if num_labels is None else {"num_labels": num_labels}
+    origin = name  # what model.reftkit_source will say
     if name in BUILTINS:
         spec = BUILTINS[name]
         task = _resolve_task(task, spec.kind, name)
@@ -140,16 +159,23 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = N
             model, tokenizer = _load_cached(name, source, _extract_zip, task, dtype, seed, extra)
     elif name.startswith("tiny-") and name[len("tiny-"):] in TINY_FAMILIES:
         family = name[len("tiny-"):]
-        model = build_tiny_model(family, task=task, seed=seed, **extra).to(dtype)
+        model = build_tiny_model(family, task=task, seed=seed, **extra)
+        model.to(model.dtype if dtype == "auto" else dtype)
         tokenizer = build_tiny_tokenizer(TINY_FAMILIES[family][1])
     else:
         path = Path(name).expanduser()
+        hub_id = None if path.exists() else parse_hub_id(name)
+        if hub_id is not None:
+            path = hub_snapshot(*hub_id)
+        else:
+            origin = str(path.resolve())
         if path.is_file() and path.suffix.lower() == ".gguf":
             task = _resolve_task(task, "causal-lm", name)
             smollm2 = BUILTINS["smollm2-135m-instruct"]
             builtin_file = _locate_package_file(smollm2.package, smollm2.filename)
             same_file = builtin_file is not None and builtin_file.resolve() == path.resolve()
             entry_name = "smollm2-135m-instruct" if same_file else f"gguf-{path.stem}"
+            origin = entry_name if same_file else origin
             model, tokenizer = _load_cached(entry_name, path, _convert_gguf, task, dtype, seed, extra)
         elif path.is_dir() and (path / "config.json").is_file():
             _require_tokenizer_files(path)
@@ -163,10 +189,200 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = N
         else:
             raise ModelNotFoundError(
                 f"unknown model {name!r}: expected a built-in name ({', '.join(builtin_names())}), "
-                "a local Hugging Face folder containing config.json, or a path to a .gguf file")
+                "a local Hugging Face folder containing config.json, a path to a .gguf file, or a Hugging Face "
+                "Hub id such as 'org/name'")
+        if hub_id is not None:
+            model.config._name_or_path = name  # as transformers records a Hub load, not the snapshot folder
     model.to(device)
     model.eval()
+    model.reftkit_source = origin
     return model, tokenizer
+
+
+# -------------------------------------------------------------------------------------------- devices, dtypes
+
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
+               "float64": "float64", "fp64": "float64", "double": "float64"}
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+    """A torch floating dtype for `dtype` (None is float32), or "auto" (left to the model's config)."""
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype.is_floating_point:
+            return dtype
+        raise ConfigError(f"dtype {dtype} is not a floating dtype; expected float32, bfloat16, float16 or auto")
+    if isinstance(dtype, str):
+        text = dtype.strip().lower().removeprefix("torch.")
+        if text == "auto":
+            return "auto"
+        if text in DTYPE_NAMES:
+            return getattr(torch, DTYPE_NAMES[text])
+    raise ConfigError(f"unknown dtype {dtype!r}; expected one of float32, bfloat16 (bf16), float16 (fp16), float64 "
+                      "or auto (the dtype in the model's config)")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch device this machine has, for `device` ("cpu", "cuda", "cuda:1", "mps", "auto", a torch.device; None
+    is cpu). "auto" is cuda when available, then mps, else cpu."""
+    import torch
+
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        resolved = device if isinstance(device, torch.device) else torch.device(str(device).strip().lower())
+    except (RuntimeError, TypeError, ValueError):
+        resolved = None
+    if resolved is None or resolved.type not in DEVICE_TYPES:
+        raise ConfigError(f"unknown device {device!r}; expected cpu, cuda, cuda:<index>, mps or auto")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"device {device!r} is not available ({why}); use device 'cpu' or 'auto'")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"device {device!r} does not exist: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+    elif resolved.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device {device!r} is not available on this machine; use device 'cpu' or 'auto'")
+    elif resolved.type == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        if xpu is None or not xpu.is_available():
+            raise ConfigError(f"device {device!r} is not available on this machine; use device 'cpu' or 'auto'")
+    return resolved
+
+
+# ------------------------------------------------------------------------------------------- Hugging Face Hub
+
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<revision>[\w./-]{1,200}))?$")
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+_HUB_WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def parse_hub_id(name: str) -> tuple[str, str | None] | None:
+    """`(repo_id, revision)` for a Hub id such as "org/name" or "org/name@v1.0", else None."""
+    match = _HUB_ID.match(name)
+    if match is None or "--" in match["repo"] or ".." in match["repo"] or match["repo"].endswith((".", "-")):
+        return None
+    return match["repo"], match["revision"]
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time: `$HF_HUB_CACHE`, else `$HF_HOME/hub`,
+    else `~/.cache/huggingface/hub` (huggingface_hub reads these once, when it is imported)."""
+    configured = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    home = os.environ.get("HF_HOME")
+    if home:
+        return Path(home).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def hub_offline() -> bool:
+    """Whether the Hub must not be asked: `HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) set now or when
+    huggingface_hub was imported."""
+    if any(os.environ.get(key, "").strip().lower() in _TRUE for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(any(folder.glob(pattern)) for pattern in _HUB_WEIGHTS)
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """The snapshot folder of a Hub model in the local Hugging Face cache, downloaded first (configs, tokenizer
+    and safetensors weights only) when it is not cached and the Hub may be asked."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    cache = hub_cache_dir()
+    shown = repo_id if revision is None else f"{repo_id}@{revision}"
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        folder = None
+    if folder is not None and _has_weights(folder):
+        logger.info("using %s from the Hugging Face cache %s", shown, folder)
+        return folder
+    missing = ("is not in the local Hugging Face cache" if folder is None else
+               f"is only partly in the local Hugging Face cache ({folder} has no config.json or weights)")
+    where = (f"{missing} ({cache}; set HF_HUB_CACHE or HF_HOME to use another cache) and it is not a local "
+             "folder either")
+    if hub_offline():
+        raise ModelNotFoundError(
+            f"{shown!r} {where}; HF_HUB_OFFLINE is set, so the Hub is not asked: download it once with network "
+            f"access (unset HF_HUB_OFFLINE), or pass the path of a local model folder")
+    logger.info("downloading %s from the Hugging Face Hub into %s", shown, cache)
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=_HUB_FILES))
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        raise ModelNotFoundError(
+            f"{shown!r} is not a local folder and the Hub has no model repo {repo_id!r} that this machine may read "
+            "(check the spelling; for a private or gated repo log in with `hf auth login` or set HF_TOKEN)") from exc
+    except RevisionNotFoundError as exc:
+        raise ModelNotFoundError(f"the Hub repo {repo_id!r} has no revision {revision!r}; pass a branch, tag or "
+                                 "commit hash that exists") from exc
+    except (LocalEntryNotFoundError, OSError) as exc:  # no connection, a timeout, the Hub down
+        reason = " ".join(str(exc).split())[:200]
+        raise ModelNotFoundError(f"{shown!r} {where}, and the Hugging Face Hub is unreachable ({reason}); connect "
+                                 "to the network or pass the path of a local model folder") from exc
+    if not _has_weights(folder):
+        raise ModelNotFoundError(f"the Hub repo {shown!r} has no config.json or no safetensors weights; reftkit "
+                                 "loads transformers models saved as safetensors")
+    return folder
+
+
+def peek_config(name_or_path: str | os.PathLike):
+    """The transformers config of a model, read without loading its weights when that is cheap (tiny models,
+    local folders, cached Hub snapshots, built-in models already converted); None otherwise."""
+    from transformers import AutoConfig
+
+    name = str(name_or_path)
+    if name.startswith("tiny-") and name[len("tiny-"):] in TINY_FAMILIES:
+        model_type, _, arguments = TINY_FAMILIES[name[len("tiny-"):]]
+        return AutoConfig.for_model(model_type, **arguments)
+    folder = None
+    if name in BUILTINS:
+        spec = BUILTINS[name]
+        source = _locate_package_file(spec.package, spec.filename)
+        folder = cache_entry_path(name, source) if source is not None else None
+    else:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            folder = path
+        elif not path.exists() and (hub_id := parse_hub_id(name)) is not None:
+            from huggingface_hub import snapshot_download
+
+            try:
+                folder = Path(snapshot_download(hub_id[0], revision=hub_id[1], cache_dir=hub_cache_dir(),
+                                                local_files_only=True))
+            except Exception:  # noqa: BLE001 - not cached: the full load will say why
+                return None
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception:  # noqa: BLE001 - an unreadable config: the full load reports it
+        return None
 
 
 # ----------------------------------------------------------------------------------------------- tiny models

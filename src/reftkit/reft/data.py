@@ -155,12 +155,14 @@ def encode(tokenizer, rows: list[dict], task: str = "sft", *, chat: bool = True,
 
 
 class Collator:
-    """Pads a list of `Example`s into tensors. `padding_side` is "right" (default) or "left"."""
+    """Pads a list of `Example`s into tensors. `padding_side` is "right" (default) or "left". The tensors are built
+    on the CPU and moved to `device` when one is given (the model's, for a loop that calls the model directly;
+    HF's Trainer moves batches itself)."""
 
-    def __init__(self, pad_token_id: int, task: str = "sft", padding_side: str = "right"):
+    def __init__(self, pad_token_id: int, task: str = "sft", padding_side: str = "right", device=None):
         if padding_side not in ("left", "right"):
             raise DataError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        self.pad, self.task, self.side = pad_token_id, task, padding_side
+        self.pad, self.task, self.side, self.device = pad_token_id, task, padding_side, device
 
     def _pad(self, seqs: list[list[int]], prompt_lens: list[int], labelled: bool) -> dict:
         T = max(len(s) for s in seqs)
@@ -184,6 +186,12 @@ class Collator:
         return out
 
     def __call__(self, batch: list[Example]) -> dict:
+        out = self._collate(batch)
+        if self.device is None:
+            return out
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    def _collate(self, batch: list[Example]) -> dict:
         if self.task == "sft":
             return self._pad([e.prompt + e.completion for e in batch], [len(e.prompt) for e in batch], True)
         if self.task == "classification":

@@ -17,6 +17,9 @@ Design decisions:
   adapters that list them; adapters listing the same module share it.
 - Saving writes `adapter_config.json` + `adapter_model.safetensors` (a few hundred KB); loading builds
   interventions from registry names and refuses a model they do not fit.
+- The config records the base model (`base_model`: source, architecture, widths, a weight fingerprint; see
+  `reftkit.adapters`); loading onto another model is an `IncompatibleModelError` naming both, unless
+  `check_base=False` (an adapter meant for a fine-tuned variant of its base). Folders without the record load.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import __version__
+from ..adapters import base_model_record, check_base_model, naming_bases
 from ..atomic import write_folder
 from ..engine import Binding, IntervenableModel
 from ..errors import ConfigError, IncompatibleModelError, MissingDependencyError, ReftkitError
@@ -285,27 +289,32 @@ class ReftModel(nn.Module):
         for name in names:
             target = directory if name == "default" or len(names) == 1 else directory / name
             meta = {"reftkit_version": __version__, "adapter_name": name, "config": self.configs[name].to_dict(),
-                    "model": _fingerprint(self.model)}
+                    "model": _fingerprint(self.model),
+                    "base_model": base_model_record(self.model, self.configs[name].modules_to_save)}
             write_folder(target, {CONFIG_NAME: json.dumps(meta, indent=2)}, {WEIGHTS_NAME: self.adapter_state_dict(name)})
         return directory
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, positions: str | None = None) -> "ReftModel":
+                        is_trainable: bool = False, positions: str | None = None,
+                        check_base: bool = True) -> "ReftModel":
         """Load an adapter saved by `save_pretrained` (or a pyreft 0.1.0 folder) onto `model`. `positions`
-        replaces the saved positions; a pyreft folder does not record them, so it needs them (e.g. "f1+l1")."""
+        replaces the saved positions; a pyreft folder does not record them, so it needs them (e.g. "f1+l1").
+        `model` must be the base the adapter records (same architecture and widths, and the same weights unless
+        `check_base=False`), else `IncompatibleModelError` names both."""
         reft = cls(model)
-        reft.load_adapter(directory, adapter_name, is_trainable=is_trainable, positions=positions)
+        reft.load_adapter(directory, adapter_name, is_trainable=is_trainable, positions=positions,
+                          check_base=check_base)
         return reft
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", *,
-                     is_trainable: bool = False, positions: str | None = None) -> None:
+                     is_trainable: bool = False, positions: str | None = None, check_base: bool = True) -> None:
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file() and (directory / "config.json").is_file() \
                 and any(directory.glob("intkey_*.bin")):
             config, state = read_pyreft_adapter(directory, positions)
         else:
-            config, state = _read_adapter(directory, self.model)
+            config, state = _read_adapter(directory, self.model, check_base=check_base)
             if positions is not None:
                 config.positions = positions
                 config.position_spec()
@@ -362,7 +371,8 @@ class ReftModel(nn.Module):
         return repo_id
 
 
-def _read_adapter(directory: Path, model: nn.Module) -> tuple[ReftConfig, dict[str, torch.Tensor]]:
+def _read_adapter(directory: Path, model: nn.Module, *, check_base: bool = True
+                  ) -> tuple[ReftConfig, dict[str, torch.Tensor]]:
     """The config and weights of a folder written by `save_pretrained`, checked against `model`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -387,7 +397,12 @@ def _read_adapter(directory: Path, model: nn.Module) -> tuple[ReftConfig, dict[s
         raise ConfigError(f"{path} is not a valid adapter config ({type(e).__name__}: {e}); "
                           "save the adapter again with save_pretrained()") from e
     saved_model = meta.get("model", {})
-    _check_fingerprint(saved_model, model, directory)
+    try:
+        _check_fingerprint(saved_model, model, directory)
+    except IncompatibleModelError as e:
+        raise naming_bases(e, meta.get("base_model"), model) from None
+    check_base_model(meta.get("base_model"), model, directory, check_weights=check_base,
+                     skip_modules=config.modules_to_save)
     try:
         return config, load_file(str(directory / WEIGHTS_NAME))
     except (OSError, SafetensorError) as e:

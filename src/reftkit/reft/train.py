@@ -276,7 +276,7 @@ def train(reft: ReftModel, data: list[Example], args: TrainArgs, *, task: str = 
     groups = param_groups(reft, args.weight_decay)
     if not groups:
         raise ConfigError("nothing to train: the adapter has no trainable parameters (load it with is_trainable=True)")
-    collator = Collator(pad_token_id, task, args.padding_side)
+    collator = Collator(pad_token_id, task, args.padding_side, device=next(reft.parameters()).device)
     steps_per_epoch = math.ceil(math.ceil(len(data) / args.batch_size) / args.grad_accum)
     total_steps = args.max_steps or max(1, int(math.ceil(steps_per_epoch * args.epochs)))
     opt = torch.optim.AdamW(groups, lr=args.lr)
