@@ -24,7 +24,7 @@ PUBLIC_MODULES = {
     "reftkit.reft.recipe", "reftkit.analysis", "reftkit.analysis.patching", "reftkit.analysis.path_patching",
     "reftkit.analysis.tracing", "reftkit.analysis.attribution", "reftkit.analysis.causal_model",
     "reftkit.analysis.das", "reftkit.analysis.probes", "reftkit.analysis.metrics", "reftkit.precision",
-    "reftkit.errors", "reftkit.chat", "reftkit.behaviours",
+    "reftkit.errors", "reftkit.chat", "reftkit.behaviours", "reftkit.adapters",
 }
 
 
