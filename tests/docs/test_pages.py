@@ -80,9 +80,11 @@ def test_api_overview_lists_the_top_level_exports():
 
 
 def test_api_sections_name_existing_modules_and_cover_the_public_ones():
-    documented = set()
-    for page in (DOCS / "api").glob("*.md"):
-        documented.update(re.findall(r"^::: ([\w.]+)", page.read_text(encoding="utf-8"), flags=re.M))
+    sections = [name for page in sorted((DOCS / "api").glob("*.md"))
+                for name in re.findall(r"^::: ([\w.]+)", page.read_text(encoding="utf-8"), flags=re.M)]
+    twice = sorted({name for name in sections if sections.count(name) > 1})
+    assert not twice, f"modules rendered more than once in docs/api/: {twice}"
+    documented = set(sections)
     src = ROOT / "src"
     modules = set()
     for path in (src / "reftkit").rglob("*.py"):
