@@ -266,14 +266,22 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="a YAML training recipe (see examples/); its relative paths are relative to "
                                        "its folder")
     _add_run_folder_arguments(parser)
+    parser.add_argument("--device", metavar="DEVICE", help="where to train: cpu, cuda, cuda:N, mps or auto (default: "
+                        "the recipe's device, else cpu)")
+    parser.add_argument("--dtype", metavar="DTYPE", help="dtype of the base model's weights: float32, bfloat16 (bf16), "
+                        "float16 (fp16) or auto (default: the recipe's dtype, else float32)")
 
 
 def _run_train(args: argparse.Namespace) -> int:
     import shlex
 
-    from reftkit.reft.recipe import load_recipe, run_recipe
+    from reftkit.reft.recipe import check_device_options, load_recipe, run_recipe
 
     cfg = load_recipe(args.config)
+    for key in ("device", "dtype"):  # the command line wins over the recipe
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    check_device_options(cfg)
     status(f"training {cfg.get('reft', {}).get('method', 'loreft')} on {cfg['model']} -> {cfg['output_dir']}")
     try:
         metrics = run_recipe(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.json)

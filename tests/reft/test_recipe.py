@@ -157,3 +157,24 @@ def test_classification_recipe_trains_and_saves_the_head(tmp_path):
                            label_names=["neg", "pos"])
     assert result["examples"] == 8 and 0.0 <= result["accuracy"] <= 1.0
     assert torch.equal(fresh.classifier.weight, model.classifier.weight)  # the trained head came with the adapter
+
+
+def test_device_and_dtype_come_from_the_recipe_or_the_command_line(capsys, recipe, monkeypatch):
+    import reftkit.models as models
+    import reftkit.reft.recipe as recipe_module
+
+    seen = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: seen.append(kw) or real(name, **kw))
+    code, _, err = run_cli(capsys, "train", recipe(device="cpu", dtype="bf16", train={"max_steps": 1, "batch_size": 4}))
+    assert code == 0, err
+    assert seen[-1]["device"] == "cpu" and seen[-1]["dtype"] == "bf16"
+    code, _, err = run_cli(capsys, "train", recipe(dtype="bf16", train={"max_steps": 1, "batch_size": 4}),
+                           "--dtype", "float32", "--overwrite")
+    assert code == 0, err
+    assert seen[-1]["dtype"] == "float32"
+    calls = len(seen)
+    with pytest.raises(ConfigError, match="unknown dtype 'int8'"):
+        recipe_module.load_recipe(recipe(dtype="int8"))
+    code, _, err = run_cli(capsys, "train", recipe(), "--dtype", "int8", "--overwrite")
+    assert code == 2 and "unknown dtype 'int8'" in err and len(seen) == calls  # refused before any model loads

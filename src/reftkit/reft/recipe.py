@@ -9,7 +9,10 @@ output_dir: runs/caps             # default runs/<file name without .yaml>, besi
 chat: true                        # apply the chat template to prompts
 max_length: 256
 reft: {method: loreft, layers: [8, 16, 24], rank: 4, positions: f1+l1, tied: true}
-train: {epochs: 3, batch_size: 8, lr: 0.004, save_every: 10}
+train: {epochs: 3, batch_size: 8, lr: 0.004, save_every: 10}   # bf16: auto (default) | true | false
+behaviour: all_caps               # optional: the check `reftkit demo` scores replies with (reftkit.behaviours)
+device: cpu                       # optional: cpu (default) | cuda | cuda:N | mps | auto (`reftkit train --device`)
+dtype: float32                    # optional: float32 (default) | bf16 | fp16 | auto (`reftkit train --dtype`)
 ```
 For `classification` the model gets a head with `num_labels` outputs (or one per entry of `label_names`, which
 maps string labels to ids); unless `reft.modules_to_save` says otherwise, the head is trained and saved with the
@@ -50,7 +53,7 @@ from .train import TASKS, TrainArgs, check_output_folder, is_empty_folder, train
 
 log = logging.getLogger(__name__)
 TOP_KEYS = {"model", "task", "data", "eval_data", "output_dir", "chat", "max_length", "reft", "train", "num_labels",
-            "label_names", "behaviour"}
+            "label_names", "behaviour", "device", "dtype"}
 PATH_KEYS = ("data", "eval_data", "output_dir")
 FLAGS = ("--resume (resume=True)", "--overwrite (overwrite=True)")
 
@@ -95,8 +98,9 @@ def load_recipe(path: "str | Path") -> dict:
     try:  # checked now, before a model is loaded
         reft_config(cfg)
         train_args(cfg)
-        if "behaviour" in cfg:  # the check `reftkit demo` and `reftkit eval --recipe` score replies with
+        if "behaviour" in cfg:  # the check `reftkit demo` scores replies with
             behaviour(cfg["behaviour"])
+        check_device_options(cfg)
     except ReftkitError as e:
         raise type(e)(f"{path}: {e}") from e
     return cfg
@@ -121,6 +125,17 @@ def _check_expanded_size(cfg: dict, path: Path) -> None:
             stack.extend(value.values())
         elif isinstance(value, list):
             stack.extend(value)
+
+
+def check_device_options(cfg: dict) -> None:
+    """`device` and `dtype` (where the model is loaded, in which dtype: see `load_model`), checked before it is."""
+    from ..models import resolve_device, resolve_dtype
+
+    for key, resolve in (("device", resolve_device), ("dtype", resolve_dtype)):
+        if cfg.get(key) is not None:
+            if not isinstance(cfg[key], str):
+                raise ConfigError(f"{key} must be a string such as 'cuda' or 'bf16', got {cfg[key]!r}")
+            resolve(cfg[key])
 
 
 def _check_values(cfg: dict, path: Path) -> None:
@@ -235,6 +250,7 @@ def run_recipe(cfg: dict, *, resume: bool = False, overwrite: bool = False, prog
     if model_and_tokenizer is None:
         num_labels = cfg.get("num_labels") or len(cfg.get("label_names") or []) or 2
         kwargs = {"task": "sequence-classification", "num_labels": num_labels} if task == "classification" else {}
+        kwargs.update({k: cfg[k] for k in ("device", "dtype") if cfg.get(k) is not None})
         model_and_tokenizer = load_model(cfg["model"], **kwargs)
     model, tok = model_and_tokenizer
     reft_cfg = reft_config(cfg)
