@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -178,3 +179,20 @@ def test_device_and_dtype_come_from_the_recipe_or_the_command_line(capsys, recip
         recipe_module.load_recipe(recipe(dtype="int8"))
     code, _, err = run_cli(capsys, "train", recipe(), "--dtype", "int8", "--overwrite")
     assert code == 2 and "unknown dtype 'int8'" in err and len(seen) == calls  # refused before any model loads
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"data": "bad.jsonl"}, "bad.jsonl, row 2: field 'prompt' must be a string"),
+    ({"reft": {"layers": [1], "rank": 4, "component": "blok_output"}}, "unknown component 'blok_output'"),
+    ({"reft": {"layers": [1], "rank": 400}}, r"tiny-llama \(4 layers, hidden size 64\): rank 400 is larger"),
+    ({"reft": {"layers": [9], "rank": 4}}, "layers \\[9\\] are out of range; this model has layers 0..3"),
+], ids=["data-row", "component-typo", "rank-above-width", "layer-out-of-range"])
+def test_mistakes_are_reported_before_the_model_loads(capsys, recipe, tmp_path, monkeypatch, change, message):
+    import reftkit.models as models
+
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 5, "completion": "c"}\n')
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _, err = run_cli(capsys, "train", recipe(**change))
+    assert code == 2 and len(err.strip().splitlines()[-1:]) == 1
+    assert re.search(message, err.strip().splitlines()[-1]), err
+    assert not (tmp_path / "run").exists()  # nothing was written either

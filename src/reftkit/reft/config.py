@@ -80,6 +80,12 @@ class ReftConfig:
             raise ConfigError(f"positions must be a string such as 'f1+l1', 'l1' or 'all', got {self.positions!r}")
         if not isinstance(self.component, str) or not self.component:
             raise ConfigError(f"component must be a component name such as 'block_output', got {self.component!r}")
+        from ..archs import CANONICAL_COMPONENTS
+        from ..errors import SiteError
+
+        if self.component not in CANONICAL_COMPONENTS:  # the same error a Site gives, before any model is loaded
+            raise SiteError(f"unknown component {self.component!r}; expected one of "
+                              f"{', '.join(CANONICAL_COMPONENTS)}")
         if not isinstance(self.tied, bool):
             raise ConfigError(f"tied must be true or false, got {self.tied!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -237,6 +237,42 @@ def find_checkpoint(output_dir: "str | Path") -> tuple[Path, int] | None:
     return None
 
 
+# components whose vectors have the model's hidden size, so a rank can be checked from config.json alone
+_HIDDEN_WIDTH = ("embedding", "block_input", "block_output", "attention_input", "attention_output", "mlp_input",
+                 "mlp_output")
+
+
+def check_before_loading(cfg: dict, check_model: bool = True) -> dict[str, list[dict]]:
+    """What can be checked before the model's weights load: every data row (read and checked now; returned as
+    {"data": rows, "eval_data": rows}), and, from the model's config.json where it can be read cheaply
+    (`models.peek_config`), the layers and the ranks at hidden-width sites."""
+    from .data import check_rows
+
+    rows = {}
+    for key in ("data", "eval_data"):
+        if cfg.get(key):
+            rows[key] = read_rows(cfg[key])
+            check_rows(rows[key], cfg["task"], str(cfg[key]))
+    if not check_model:
+        return rows
+    from ..models import peek_config
+
+    config = peek_config(cfg["model"])
+    config = getattr(config, "text_config", None) or config
+    n_layers, hidden = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
+    if not isinstance(n_layers, int) or not isinstance(hidden, int):
+        return rows  # the full load checks the rest
+    reft_cfg = reft_config(cfg)
+    where = f"{cfg['model']} ({n_layers} layers, hidden size {hidden})"
+    try:
+        for spec in reft_cfg.sites(n_layers):
+            if spec.component in _HIDDEN_WIDTH:
+                reft_cfg.intervention_config(spec, hidden, f"L{spec.layer}.{spec.component}")
+    except ReftkitError as e:
+        raise type(e)(f"{where}: {e}") from None
+    return rows
+
+
 def run_recipe(cfg: dict, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
                model_and_tokenizer=None) -> dict:
     """Train the recipe `cfg` (from `load_recipe`) and write the run to `cfg["output_dir"]`: a non-empty folder
@@ -245,8 +281,9 @@ def run_recipe(cfg: dict, *, resume: bool = False, overwrite: bool = False, prog
     from ..models import load_model
 
     out = Path(cfg["output_dir"])
-    work = run_folder(out, resume=resume, overwrite=overwrite)
     task = cfg["task"]
+    rows = check_before_loading(cfg, model_and_tokenizer is None)
+    work = run_folder(out, resume=resume, overwrite=overwrite)
     if model_and_tokenizer is None:
         num_labels = cfg.get("num_labels") or len(cfg.get("label_names") or []) or 2
         kwargs = {"task": "sequence-classification", "num_labels": num_labels} if task == "classification" else {}
@@ -260,11 +297,11 @@ def run_recipe(cfg: dict, *, resume: bool = False, overwrite: bool = False, prog
             reft_cfg.modules_to_save = [head]
     chat = cfg.get("chat", True)
     max_length = int(cfg.get("max_length", 512))
-    data = encode(tok, read_rows(cfg["data"]), task, chat=chat, max_length=max_length,
+    data = encode(tok, rows["data"], task, chat=chat, max_length=max_length,
                   label_names=cfg.get("label_names"), where=str(cfg["data"]))
     eval_data = None
     if cfg.get("eval_data"):
-        eval_data = encode(tok, read_rows(cfg["eval_data"]), task, chat=chat, max_length=max_length,
+        eval_data = encode(tok, rows["eval_data"], task, chat=chat, max_length=max_length,
                            label_names=cfg.get("label_names"), where=str(cfg["eval_data"]))
     reft = ReftModel(model, reft_cfg)
     args = train_args(cfg)
