@@ -32,6 +32,8 @@ EXTRA = {
     "pca_rotated": {"n_components": 8},
     "replace": {"interchange_dim": 32},
     "rotated": {"interchange_dim": 8},
+    "positional_add": {"length": 2},
+    "norm_preserving": {"inner": {"type": "add", "config": {"embed_dim": 64, "has_vector": True}}},
 }
 NOT_SAVEABLE = {"callable"}  # code, not data: saving raises ConfigError (tested below)
 

@@ -1,0 +1,30 @@
+"""Steering: vectors (`SteeringVector`), operators, scopes and applying them to a model.
+
+`vector.py` holds the data, `operators.py` turns one site's direction into an engine intervention, `apply.py`
+binds vectors to a model (`steer`, `SteeringVector.apply`) with scopes on absolute positions, and `extract.py`
+makes vectors from contrasting examples. Nothing heavy is imported until a name is used.
+"""
+
+from __future__ import annotations
+
+_EXPORTS = {
+    "SteeringVector": "vector",
+    "OPERATORS": "operators",
+    "build_operator": "operators",
+    "steer": "apply",
+    "Steered": "apply",
+    "scope_positions": "apply",
+    "SCOPES": "apply",
+}
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'reftkit.steer' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+__all__ = list(_EXPORTS)
