@@ -181,7 +181,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | No
             _require_tokenizer_files(path)
             try:
                 model, tokenizer = _load_folder(path, task, dtype, seed, extra)
-            except ValueError as exc:
+            except (ValueError, ImportError) as exc:  # the exception type differs between transformers releases
                 error = _vocabulary_error(path, exc)
                 if error is None:
                     raise
@@ -481,12 +481,13 @@ _TOKENIZER_VOCABULARY_HINT = ("tokenizer.json, or vocabulary files such as vocab
                               "tokenizer.model")
 
 
-def _vocabulary_error(folder: Path, exc: ValueError) -> ModelNotFoundError | None:
+def _vocabulary_error(folder: Path, exc: Exception) -> ModelNotFoundError | None:
     """transformers' error for a tokenizer config without its vocabulary advises installing sentencepiece or
-    tiktoken; for a folder that has no vocabulary file, the error that says so (None for any other error)."""
+    tiktoken (a ValueError in 5.24; in 5.0 an ImportError asking for protobuf); for a folder that has no
+    vocabulary file, the error that says so (None for any other error)."""
     if isinstance(exc, ReftkitError) or _has_vocabulary(folder):  # with a vocabulary, the advice may be right
         return None
-    if "sentencepiece" not in str(exc) and "tiktoken" not in str(exc):
+    if not any(word in str(exc) for word in ("sentencepiece", "tiktoken", "protobuf")):
         return None
     present = " and ".join(name for name in _TOKENIZER_CONFIG_FILES if (folder / name).is_file())
     return ModelNotFoundError(
