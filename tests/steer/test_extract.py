@@ -15,6 +15,7 @@ from reftkit.errors import ConfigError, DataError
 from reftkit.steer.data import ContrastPair, make_pairs
 from reftkit.steer.extract import (actadd, difference_consistency, extract, from_activations, logistic_direction,
                                    mean_difference, normalize_across_behaviours, pca_direction, read_pairs)
+from reftkit.steer.vector import SteeringVector
 
 pytestmark = pytest.mark.numerics
 
@@ -259,7 +260,7 @@ def test_one_forward_per_batch_reads_every_site(tiny_llama):
     assert all(v.dtype == torch.float32 and v.shape == (3, 64) for v in acts.positive.values())
 
 
-def test_extract_builds_a_steering_vector_from_the_model(tiny_llama):
+def test_extract_builds_a_steering_vector_from_the_model(tiny_llama, tmp_path):
     model, tok = tiny_llama
     acts = read_pairs(model, tok, TEXT_PAIRS, layers=[0, 3])
     sv = extract(model, tok, TEXT_PAIRS, layers=[0, 3], unit="mean_diff_norm")
@@ -274,6 +275,8 @@ def test_extract_builds_a_steering_vector_from_the_model(tiny_llama):
     logistic = extract(model, tok, TEXT_PAIRS, "logistic", sites="L1.block_output")
     for v in (pca, logistic):
         assert float(v.directions["L1.block_output"].norm()) == pytest.approx(1.0, abs=1e-5)
+    for i, v in enumerate((sv, pca, actadd(model, tok, "Love", "Hate", layers=[1]))):  # the report is JSON data
+        assert SteeringVector.load(v.save(tmp_path / str(i))) == v
 
 
 def test_post_norm_sites_are_flagged(tiny_llama):
