@@ -223,9 +223,14 @@ class IntervenableModel(nn.Module):
         ids = kwargs.get("input_ids")
         if ids is None:
             ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("inputs_embeds")
-        # the cache is `cache` in current transformers, `past_key_values` in older ones; it reports its length
+        # the cache is `cache` in current transformers, `past_key_values` in older ones; it reports its length.
+        # No cache at all (`use_cache=False`): the step re-feeds the whole sequence from absolute position 0
         cache = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
-        generation_step(call, ids, int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else None)
+        if cache is None:
+            past = 0
+        else:
+            past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else None
+        generation_step(call, ids, past)
         return None
 
     # ---- gather / intervene / scatter ---------------------------------------------------------------------
