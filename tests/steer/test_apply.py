@@ -51,6 +51,9 @@ SCOPES = {
     "generated": (lambda: scope_positions("generated"), lambda r: GENERATED),
     "from_instruction_end_offset": (lambda: scope_positions("from_instruction_end", start=STARTS),
                                     lambda r: list(range(PROMPT_START[r] + int(STARTS[r]), P)) + GENERATED),
+    "from_instruction_end_absolute": (lambda: scope_positions("from_instruction_end", absolute=torch.tensor([3, 2, 5]),
+                                                              attention_mask=_batch()[1]),
+                                      lambda r: list(range(max(PROMPT_START[r], [3, 2, 5][r]), P)) + GENERATED),
     "from_instruction_end_last_k": (lambda: scope_positions("from_instruction_end", k=2),
                                     lambda r: [P - 2, P - 1] + GENERATED),
     "last_prompt_token_then_generated": (lambda: scope_positions("last_prompt_token_then_generated"),
@@ -209,3 +212,26 @@ def test_bad_input_is_refused_with_typed_errors(tiny_llama, tiny_model):
     with pytest.raises(ConfigError, match="trace=True"):
         with steer(model, _vector()) as steered:
             steered.edited_positions()
+
+
+@pytest.mark.parametrize("name", ["from_instruction_end_offset", "front"])
+def test_scopes_hold_under_beam_search(tiny_llama, name):
+    model = tiny_llama[0]
+    ids, mask, _ = _batch()
+    make, analytic = SCOPES[name]
+    if name == "front":
+        vector, scope = _vector((3, 64), method="actadd", scope="f3@prompt"), None
+    else:
+        vector, scope = _vector(), make()
+    results = {}
+    for use_cache in (True, False):
+        with steer(model, [(vector, 2.0)], scope=scope, trace=True) as steered:
+            out = steered.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2, use_cache=use_cache,
+                                   output_scores=True, return_dict_in_generate=True, **GREEDY)
+            (rows,) = steered.edited_positions().values()
+        results[use_cache] = out
+        generated = list(range(P, P + 3)) if name != "front" else []
+        expected = [sorted(set(analytic(r)) - set(GENERATED) | set(generated)) for r in range(3) for _ in range(2)]
+        assert rows == expected, use_cache
+    assert torch.equal(results[True].sequences, results[False].sequences)
+    torch.testing.assert_close(results[True].sequences_scores, results[False].sequences_scores, rtol=0, atol=1e-4)

@@ -8,8 +8,8 @@ Decisions:
   in `generate`, re-targets it at every forward from the cache length (without a cache each forward re-feeds the
   whole sequence, so the same absolute positions are edited again). `SCOPES` names the usual ones
   (`scope_positions` builds them): `all` (prompt and generated tokens), `prompt`, `generated`,
-  `from_instruction_end` (CAA: from a real-token offset `start`, or the last `k` prompt tokens, through every
-  generated token), `last_prompt_token_then_generated` (ITI), `front` (ActAdd: the first T real prompt tokens,
+  `from_instruction_end` (CAA: from a real-token offset `start`, an absolute position of the padded prompt, or
+  the last `k` prompt tokens, through every generated token), `last_prompt_token_then_generated` (ITI), `front` (ActAdd: the first T real prompt tokens,
   prefill only) and `last_k` (the last k prompt tokens). Any `Positions` (string or object, `@scope` included)
   is accepted as well; the bare name `all` means prompt and generated tokens here (`all@all`), as a steering
   scope should, where the positions grammar reads `all` as the prompt only. A prompt-only scope that selects no token of some row is a `PositionError`.
@@ -44,11 +44,14 @@ SCOPES = ("all", "prompt", "generated", "from_instruction_end", "last_prompt_tok
           "last_k")
 
 
-def scope_positions(name: str, *, start=None, k: int | None = None, length: int | None = None) -> Positions:
+def scope_positions(name: str, *, start=None, k: int | None = None, absolute=None, attention_mask=None,
+                    length: int | None = None) -> Positions:
     """The `Positions` of a named steering scope (see the module docstring).
 
-    `from_instruction_end` takes `start` (a real-token offset, or a `[batch]` tensor of offsets: the last token of
-    the instruction template) or `k` (the last k prompt tokens); `front` takes `length` (T); `last_k` takes `k`."""
+    `from_instruction_end` takes one of `start` (a real-token offset, or a `[batch]` tensor of offsets: the last
+    token of the instruction template), `k` (the last k prompt tokens) or `absolute` (an absolute position in the
+    padded prompt, or a `[batch]` tensor of them, with the prompt's `attention_mask`); `front` takes `length` (T);
+    `last_k` takes `k`."""
     if name == "all":
         return Positions.all(scope="all")
     if name == "prompt":
@@ -58,9 +61,11 @@ def scope_positions(name: str, *, start=None, k: int | None = None, length: int 
     if name == "last_prompt_token_then_generated":
         return Positions.first_last(0, 1, scope="all")
     if name == "from_instruction_end":
-        if (start is None) == (k is None):
-            raise PositionError("from_instruction_end takes start= (a real-token offset) or k= (the last k prompt "
-                                "tokens), exactly one of them")
+        if sum(x is not None for x in (start, k, absolute)) != 1:
+            raise PositionError("from_instruction_end takes start= (a real-token offset), k= (the last k prompt "
+                                "tokens) or absolute= (a position in the padded prompt), exactly one of them")
+        if absolute is not None:
+            return _from_absolute(absolute, attention_mask)
         if k is not None:
             return Positions.first_last(0, _count(k, "k"), scope="all")
         if isinstance(start, torch.Tensor):
@@ -76,6 +81,24 @@ def scope_positions(name: str, *, start=None, k: int | None = None, length: int 
         return Positions.first_last(0, _count(k, "k"), scope="prompt")
     raise PositionError(f"unknown steering scope {name!r}; expected one of {', '.join(SCOPES)} or a positions string "
                         "('l1@all', 'f4@prompt', 'generated')")
+
+
+def _from_absolute(absolute, attention_mask) -> Positions:
+    """Real prompt tokens at or after an absolute position (per row), then every generated token."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise PositionError("from_instruction_end with absolute= needs the prompt's attention_mask [batch, seq]")
+    B, T = attention_mask.shape
+    if isinstance(absolute, torch.Tensor):
+        if absolute.shape != (B,) or absolute.dtype.is_floating_point or absolute.dtype == torch.bool:
+            raise PositionError(f"absolute positions must be an integer or a [batch={B}] integer tensor, "
+                                f"got {absolute!r}")
+        at = absolute.long().to(attention_mask.device)
+    else:
+        at = torch.full((B,), _count(absolute, "absolute", minimum=0), device=attention_mask.device)
+    if bool(((at < 0) | (at >= T)).any()):
+        raise PositionError(f"absolute positions must lie in 0..{T - 1} for a prompt of {T} tokens, got {at.tolist()}")
+    selected = (torch.arange(T, device=attention_mask.device) >= at[:, None]) & attention_mask.bool()
+    return Positions.mask(selected, scope="all")
 
 
 def _count(value, what: str, minimum: int = 1) -> int:
@@ -299,6 +322,7 @@ class Steered:
     def clear_trace(self) -> None:
         if self.trace is not None:
             self.trace.clear()
+        self._trace_key = None
 
 
 def _region(inputs: dict) -> torch.Tensor:

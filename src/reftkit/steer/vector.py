@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, IncompatibleModelError, PositionError, SiteError
+from ..positions import Positions
+from ..sites import Site, resolve_site
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +73,6 @@ class SteeringVector:
     report: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        from ..positions import Positions
-        from ..sites import Site
-
         if not isinstance(self.directions, dict) or not self.directions:
             raise ConfigError("a SteeringVector needs directions: a non-empty {site name: tensor [d]} dict")
         clean = {}
@@ -241,7 +240,6 @@ class SteeringVector:
         another width, or another architecture, model type, hidden size, layer count or (with `check_weights`)
         weights than `model_hint` records."""
         from ..adapters import _same_weights, base_model_record, describe_base
-        from ..sites import Site, resolve_site
 
         current = base_model_record(model)
         hint = self.model_hint if self.model_hint else None
@@ -270,11 +268,10 @@ class SteeringVector:
                     name: str | None = None, check_weights: bool = True) -> list:
         """One engine `Binding` per site applying this vector with `coefficient` (in `unit`, default the vector's)
         on the tokens `scope` selects (default the vector's scope)."""
+        from ..engine import Binding
         from .operators import build_operator
 
         self.check_model(model, check_weights=check_weights)
-        from ..engine import Binding
-
         multipliers = self.raw_multipliers(coefficient, unit)
         positions = resolve_scope(self, scope)
         prefix = name or "steer"
@@ -398,8 +395,6 @@ def _factor(value, what: str) -> float:
 def resolve_scope(vector: SteeringVector, scope=None):
     """The `Positions` a vector is applied at: `scope` if given, else the vector's; positional vectors default to
     (and only accept) the first T real prompt tokens."""
-    from ..positions import Positions
-
     try:
         positions = Positions.parse(scope if scope is not None else vector.scope)
     except PositionError as e:
