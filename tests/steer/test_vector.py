@@ -250,3 +250,24 @@ def test_check_model_names_both_models(tiny_llama, tiny_model):
     with pytest.raises(IncompatibleModelError, match="weights differ"):
         _vec(0, model_hint=other_weights).check_model(model)
     _vec(0, model_hint=other_weights).check_model(model, check_weights=False)
+
+
+def test_head_and_neuron_vectors_save_load_and_steer(tiny_llama, tmp_path):
+    model = tiny_llama[0]
+    ids = _ids(2)
+    g = torch.Generator().manual_seed(9)
+    head = SteeringVector({"L2.H1.head_attention_value_output": torch.randn(16, generator=g)})
+    neurons = SteeringVector({"L1.mlp_activation": torch.randn(128, generator=g)}, operator="neuron_fill",
+                             operator_config={"neurons": [4, 17, 90]}, method="lape")
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    for k, v in enumerate((head, neurons)):
+        v.save(tmp_path / str(k))
+        loaded = SteeringVector.load(tmp_path / str(k))
+        assert loaded == v
+        with torch.no_grad():
+            a, b = _steered_logits(model, v, 2.0), _steered_logits(model, loaded, 2.0)
+        assert_identical(a, b)
+        assert not torch.equal(a, plain)
+    with pytest.raises(IncompatibleModelError, match="width 64 .* width 16"):
+        SteeringVector({"L2.H1.head_attention_value_output": torch.ones(64)}).check_model(model)
