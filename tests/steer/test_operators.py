@@ -195,3 +195,20 @@ def test_spec_rebuilds_the_same_operator():
     rebuilt.load_state_dict(iv.state_dict())
     h = _h()
     assert_identical(rebuilt(h), iv(h))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_operators_compute_in_the_activations_dtype(dtype):
+    h, r, b = _h().to(dtype), _r(), _h(5, (D,))
+    u = _unit64(r)
+    h64 = h.double()
+    cases = {
+        "ablate": (build_operator("ablate", r, 1.0), h64 - (h64 @ u)[..., None] * u),
+        "clamp": (build_operator("clamp", r, 1.0, {"bias": b, "value": 2.0}),
+                  h64 - ((h64 - b.double()) @ u)[..., None] * u + 2.0 * u),
+        "ablate_then_add": (build_operator("ablate_then_add", r, 0.5), h64 - (h64 @ u)[..., None] * u + 0.5 * r.double()),
+    }
+    for name, (iv, want) in cases.items():
+        got = iv(h)
+        assert got.dtype == dtype, name
+        assert_close(got, want, dtype=dtype, ulps=16, scale=float(want.abs().max()), msg=name)

@@ -16,7 +16,8 @@ Decisions:
   `SCALE_KINDS`; a key of another shape is an error, so a scale is never read under the wrong meaning.
 - **Arithmetic** (`+ - * /`, negation) acts on the directions and needs the same sites, shapes, operator, unit,
   scope and operator config; sums and differences in a unit other than `raw` also need equal scales (convert with
-  `in_raw_units()` first to combine vectors of different scales). Anything else is a `ConfigError` naming the
+  `in_raw_units()` first to combine vectors of different scales); a sum keeps only the scales both vectors share.
+  Anything else is a `ConfigError` naming the
   field, never a silent broadcast.
 - **Files.** `save(folder)` writes `vector_config.json` (a format version and every field but the tensors) and
   `vectors.safetensors` (`direction.<site>`, and tensors of the operator config under `config.<path>`), atomically
@@ -198,7 +199,8 @@ class SteeringVector:
         method = self.method if self.method == other.method else f"{self.method}{'+' if sign > 0 else '-'}{other.method}"
         directions = {s: t - other.directions[s] if sign < 0 else t + other.directions[s]
                       for s, t in self.directions.items()}
-        return self._replace(directions, method=method, counts={}, report={})
+        scales = {k: v for k, v in self.scales.items() if other.scales.get(k) == v}  # what still describes the sum
+        return self._replace(directions, method=method, scales=scales, counts={}, report={})
 
     def __add__(self, other):
         if not isinstance(other, SteeringVector):
