@@ -5,9 +5,11 @@
 # On an AVX2-only AMD EPYC each of ATEN_CPU_CAPABILITY=default (elementwise ops, reductions, softmax, norms),
 # MKL_CBWR=COMPATIBLE (matmuls) and ONEDNN_MAX_CPU_ISA=SSE41 (convolutions) changes results; MKL_ENABLE_INSTRUCTIONS
 # does not (MKL takes its own path on AMD processors).
-# Usage: tools/second_code_path.sh PYTHON [ARGS...]   e.g. tools/second_code_path.sh .venv/bin/python -m pytest -m numerics
+# Usage: tools/second_code_path.sh PYTHON COMMAND [ARGS...]  (PYTHON: the interpreter whose torch is asked for its
+# capability), e.g. tools/second_code_path.sh .venv/bin/python .venv/bin/python -m pytest -m numerics
 set -euo pipefail
-python=${1:?usage: tools/second_code_path.sh PYTHON [ARGS...]}
+python=${1:?usage: tools/second_code_path.sh PYTHON COMMAND [ARGS...]}
+shift
 capability=$("$python" -c "import torch; print(torch.backends.cpu.get_cpu_capability())")
 case "$capability" in
     AVX512*) aten=avx2; onednn=AVX2 ;;
