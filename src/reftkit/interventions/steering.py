@@ -45,22 +45,26 @@ def _direction_buffer(module: nn.Module, embed_dim: int | None, direction, name:
     setattr(module, name, nn.Parameter(init, requires_grad=False))
 
 
-@dataclass
-class AblateConfig(InterventionConfig):
-    coefficient: float = 1.0
-
-
-@register("ablate")
-class AblateIntervention(Intervention):
-    """Directional ablation: `h − c · r̂ r̂ᵀ h`."""
-
-    config_class = AblateConfig
+class _Directional(Intervention):
+    """An operator along one stored direction (a buffer, not trained): `embed_dim` follows the direction given."""
 
     def __init__(self, config=None, direction: torch.Tensor | None = None, **kw):
         if direction is not None:
             kw.setdefault("embed_dim", int(direction.shape[-1]))
         super().__init__(config, **kw)
         _direction_buffer(self, self.config.embed_dim, direction)
+
+
+@dataclass
+class AblateConfig(InterventionConfig):
+    coefficient: float = 1.0
+
+
+@register("ablate")
+class AblateIntervention(_Directional):
+    """Directional ablation: `h − c · r̂ r̂ᵀ h`."""
+
+    config_class = AblateConfig
 
     def forward(self, base, source=None, subspaces=None):
         r = _unit(self.direction, base.dtype)
@@ -74,18 +78,15 @@ class ClampConfig(InterventionConfig):
 
 
 @register("clamp")
-class ClampIntervention(Intervention):
+class ClampIntervention(_Directional):
     """`h − r̂ r̂ᵀ (h − b) + value · r̂`: the projection on r̂, measured from `b`, becomes `value`."""
 
     config_class = ClampConfig
 
     def __init__(self, config=None, direction: torch.Tensor | None = None, bias: torch.Tensor | None = None, **kw):
-        if direction is not None:
-            kw.setdefault("embed_dim", int(direction.shape[-1]))
         if bias is not None:
             kw.setdefault("has_bias", True)
-        super().__init__(config, **kw)
-        _direction_buffer(self, self.config.embed_dim, direction)
+        super().__init__(config, direction, **kw)
         if self.config.has_bias:
             _direction_buffer(self, self.config.embed_dim, bias, "bias")
         else:
@@ -105,16 +106,10 @@ class AblateThenAddConfig(InterventionConfig):
 
 
 @register("ablate_then_add")
-class AblateThenAddIntervention(Intervention):
+class AblateThenAddIntervention(_Directional):
     """`h − r̂ r̂ᵀ h + c · r`: remove the component along r, then add c times r."""
 
     config_class = AblateThenAddConfig
-
-    def __init__(self, config=None, direction: torch.Tensor | None = None, **kw):
-        if direction is not None:
-            kw.setdefault("embed_dim", int(direction.shape[-1]))
-        super().__init__(config, **kw)
-        _direction_buffer(self, self.config.embed_dim, direction)
 
     def forward(self, base, source=None, subspaces=None):
         r = _unit(self.direction, base.dtype)
