@@ -15,6 +15,8 @@ _EXPORTS = {
     "Steered": "apply",
     "scope_positions": "apply",
     "SCOPES": "apply",
+    "extract": "extract",
+    "actadd": "extract",
 }
 
 
