@@ -15,8 +15,7 @@ _EXPORTS = {
     "Steered": "apply",
     "scope_positions": "apply",
     "SCOPES": "apply",
-    "extract": "extract",
-    "actadd": "extract",
+    "actadd": "extract",  # `extract` itself: reftkit.steer.extract.extract (the module has the same name)
 }
 
 
