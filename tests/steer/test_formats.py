@@ -252,3 +252,38 @@ def test_lm_eval_entry_applied_by_hand_matches_reftkit(tmp_path, model):
     plain = model(input_ids=_ids()).logits
     assert not torch.allclose(ours, plain)
     assert_close(by_hand, ours)
+
+
+@torch.no_grad()
+def test_lm_eval_clamp_entry_applied_by_hand_matches_reftkit(tmp_path, model):
+    g = torch.Generator().manual_seed(7)
+    v = _vec(layers=(2,), operator="clamp", operator_config={"value": 0.75, "bias": torch.randn(64, generator=g)})
+    entry = torch.load(export_lm_eval(v, tmp_path / "c.pt", coefficient=2.0, action="clamp", model=model),
+                       weights_only=True)["layers.2"]
+    d = entry["steering_vector"] / torch.norm(entry["steering_vector"])
+
+    def hook_fn(module, args, output):  # lm-eval's clamp: (h - b) + d (c - (h - b)·d) + b
+        h = output[0] if isinstance(output, tuple) else output
+        a = h - entry["bias"]
+        out = a + d * (entry["steering_coefficient"] - (a * d).sum(-1, keepdim=True)) + entry["bias"]
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    handle = dict(model.base_model.named_modules())["layers.2"].register_forward_hook(hook_fn)
+    try:
+        by_hand = model(input_ids=_ids()).logits
+    finally:
+        handle.remove()
+    with v.apply(model, 2.0, scope="all") as steered:
+        ours = steered(input_ids=_ids()).logits
+    assert_close(by_hand, ours)
+
+
+def test_lm_eval_hookpoints_follow_the_model(tmp_path):
+    gpt2 = build_tiny_model("gpt2")
+    width = gpt2.config.hidden_size
+    v = _vec(width=width, layers=(1,))
+    doc = torch.load(export_lm_eval(v, tmp_path / "g.pt", model=gpt2), weights_only=True)
+    assert list(doc) == ["h.1"] and "h.1" in dict(gpt2.base_model.named_modules())
+    assert import_lm_eval(tmp_path / "g.pt", model=gpt2).sites == ["L1.block_output"]
+    with pytest.raises(ConfigError, match="not a block output"):
+        import_lm_eval(tmp_path / "g.pt")
