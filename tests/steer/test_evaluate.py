@@ -267,3 +267,34 @@ def test_adapter_method_scores_through_the_adapter(tiny_llama):
             AdapterMethod(reft, "missing")
     finally:
         reft.unload()
+
+
+@pytest.mark.parametrize("scope, expected", [
+    ("all", lambda P, T: list(range(T))),
+    ("generated", lambda P, T: list(range(P, T))),
+    ("prompt", lambda P, T: list(range(P))),
+    ("l2", lambda P, T: [P - 2, P - 1]),  # last_k: the prompt's last two tokens only
+    ("last_prompt_token_then_generated", lambda P, T: list(range(P - 1, T))),
+])
+def test_likelihood_edits_where_generation_would(tiny_llama, scope, expected):
+    from reftkit.steer import steer
+
+    model, tok = tiny_llama
+    row = ROWS[0]
+    context = prompt_ids(tok, row["prompt"])
+    P = len(context)
+    out = likelihood(model, tok, VectorMethod(_vector(), scope=scope), [row], [1.5])
+    # the reference: an explicit mask of the analytic positions, one unpadded forward
+    from reftkit.positions import Positions
+
+    lp = {}
+    with torch.no_grad(), steer(model, [(_vector(), 1.5)], scope="all") as s:  # positions given per call below
+        for f in ("target", "other"):
+            ids = tok(row[f], add_special_tokens=False)["input_ids"]
+            sel = torch.zeros(1, len(context) + len(ids), dtype=torch.bool)
+            sel[0, expected(P, len(context) + len(ids))] = True
+            logits = s.run({"input_ids": torch.tensor([context + ids])}, positions=Positions.mask(sel)).output.logits
+            logits = logits[0].double().log_softmax(-1)
+            lp[f] = sum(float(logits[P - 1 + k, t]) for k, t in enumerate(ids))
+    assert_close(out["per_example"][0][0], lp["target"] - lp["other"], scale=abs(lp["target"]) + abs(lp["other"]),
+                 dtype=F32)

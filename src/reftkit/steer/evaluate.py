@@ -10,10 +10,10 @@ Metrics (every result is a JSON-able dict; undefined values are `None`, never Na
 - **Δ log-likelihood** (Pres et al.; `likelihood`): for rows `{prompt, target, other}`, per example
   `log p(target | prompt) - log p(other | prompt)`, summed over the completion's tokens (`per_token=True`: each
   sum divided by its own completion's token count, not by a padded length). Prompt and completion go through one
-  forward (right-padded, so every row's positions are its own); the method's scope is resolved on that whole
-  sequence, so a vector with scope `all` edits the prompt and the completion tokens, as it would in generation
-  (a prompt-only scope such as `last_k` counts over the completion too: score those through generation instead).
-  An adapter counts its positions over the prompt alone (`prompt_mask`), as in generation. Neutral texts are
+  forward (right-padded, so every row's positions are its own), edited where generation would edit: a vector's
+  scope is resolved on the prompt, and the completion tokens count as generated tokens (edited under `@all` and
+  `@generated` scopes, such as `all`, `generated`, `from_instruction_end`), a positional (ActAdd) vector edits the
+  first T tokens; an adapter counts its positions over the prompt (`prompt_mask`). Neutral texts are
   prompts in their own right: scopes and adapter positions count over the whole text.
 - **Steerability** (Tan et al.; `steerability`): with coefficients `x_j` and an example's propensities `y_ij`
   (its Δ log-likelihood at `x_j`), the example's slope is the least-squares slope
@@ -148,12 +148,35 @@ class VectorMethod(Method):
         from .apply import steer
 
         with steer(model, [(self.vector, check_coefficient(coefficient))], scope=self.scope, unit=self.unit) as s:
-            yield Runner(lambda ids, mask, prompt: s.run({"input_ids": ids, "attention_mask": mask}).output.logits,
-                         lambda ids, mask, **kw: s.generate(ids, attention_mask=mask, **kw))
+            scope = s.intervenable.bindings[0].positions  # one vector: every site shares its scope
+
+            def forward(ids, mask, prompt):
+                inputs = {"input_ids": ids, "attention_mask": mask}
+                if prompt is None or self.vector.positional:
+                    return s.run(inputs).output.logits
+                return s.run(inputs, positions=_teacher_forced(scope, prompt.bool(), mask.bool())).output.logits
+
+            yield Runner(forward, lambda ids, mask, **kw: s.generate(ids, attention_mask=mask, **kw))
 
     def describe(self) -> dict:
         return {"method": self.name, "vector": self.vector.method, "sites": self.vector.sites,
                 "unit": self.unit or self.vector.unit, "scope": None if self.scope is None else str(self.scope)}
+
+
+def _teacher_forced(scope, prompt: torch.Tensor, mask: torch.Tensor):
+    """The positions a generation with `scope` edits, for a prompt + completion fed in one forward: the scope's
+    selection resolved on the prompt (unless it is `@generated`), plus every completion token (for `@all` and
+    `@generated`)."""
+    from ..positions import Positions
+
+    selected = torch.zeros_like(mask)
+    if scope.scope != "generated":
+        loc = scope.resolve(prompt)
+        rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(loc.index)
+        selected[rows[loc.valid], loc.index[loc.valid]] = True
+    if scope.scope in ("all", "generated"):
+        selected |= mask & ~prompt
+    return Positions.mask(selected, scope="prompt")
 
 
 class AdapterMethod(Method):
