@@ -179,19 +179,98 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most tokens generated per reply, greedily (default %(default)s)")
     parser.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     parser.add_argument("--adapter", metavar="DIR", help="a folder of saved ReFT interventions to apply")
+    parser.add_argument("--steer", metavar="DIR", help="a steering-vector folder (written by `reftkit steer extract` "
+                                                       "or SteeringVector.save) to apply while generating")
+    parser.add_argument("--coefficient", type=float, metavar="C",
+                        help="strength of the --steer vector, in its unit (default: 1.0 with --steer)")
+    parser.add_argument("--scope", metavar="S",
+                        help="tokens the --steer vector edits: all, prompt, generated, last_prompt_token_then_generated "
+                             "or a positions string such as 'l1@all' (default: the vector's own scope)")
+    parser.add_argument("--unit", choices=("raw", "mean_diff_norm", "hidden_norm"),
+                        help="unit of --coefficient: raw, mean_diff_norm or hidden_norm (default: the vector's unit)")
     _add_device_arguments(parser)
 
 
+def _steer_for_cli(args: argparse.Namespace):
+    """`--steer DIR` and its options, read and checked before any model is loaded: the vector, or None."""
+    if not args.steer:
+        for option in ("coefficient", "scope", "unit"):
+            if getattr(args, option) is not None:
+                raise ConfigError(f"--{option} needs --steer DIR (see 'reftkit generate --help')")
+        return None
+    if args.adapter:
+        raise ConfigError("--steer and --adapter cannot be combined yet; apply one of them")
+    from reftkit.errors import PositionError
+    from reftkit.steer.vector import SteeringVector, check_coefficient, resolve_scope
+
+    vector = SteeringVector.load(args.steer)
+    args.coefficient = check_coefficient(1.0 if args.coefficient is None else args.coefficient)
+    if args.scope is not None:
+        from reftkit.steer.apply import _as_positions
+
+        try:
+            resolve_scope(vector, _as_positions(args.scope))
+        except PositionError as e:
+            raise ConfigError(f"--scope {args.scope!r}: {e}") from None
+    vector.raw_multipliers(args.coefficient, args.unit)
+    return vector
+
+
+def _check_steer_fits(vector, model_name: str) -> None:
+    """Before loading: the vector's recorded hidden size and layer count against the model's config, where that
+    is cheap to read (the full `check_model` runs once the model is loaded)."""
+    from reftkit.errors import IncompatibleModelError
+    from reftkit.models import peek_config
+
+    config, hint = peek_config(model_name), vector.model_hint or {}
+    if config is None:
+        return
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    now = {"model_type": getattr(config, "model_type", None), "hidden_size": getattr(text_config, "hidden_size", None),
+           "num_layers": getattr(text_config, "num_hidden_layers", None)}
+    diffs = [f"{key.replace('_', ' ')} {hint[key]!r} vs {now[key]!r}" for key in now
+             if hint.get(key) is not None and now[key] is not None and hint[key] != now[key]]
+    if diffs:
+        raise IncompatibleModelError(f"the --steer vector does not fit {model_name}: "
+                                     f"{'; '.join(diffs)}")
+
+
+def _steered_replies(model, tokenizer, vector, args: argparse.Namespace) -> list[str]:
+    """Greedy replies (as `chat.generate_replies` makes them) with the vector applied at its scope."""
+    import torch
+
+    from reftkit.chat import left_padded
+    from reftkit.steer.apply import _as_positions
+
+    vector.check_model(model)
+    device = next(model.parameters()).device
+    batch = left_padded(tokenizer, args.prompt, not args.no_chat, device)
+    pad = batch["input_ids"][0, 0].item() if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    scope = None if args.scope is None else _as_positions(args.scope)
+    with vector.apply(model, args.coefficient, scope=scope, unit=args.unit) as steered, torch.no_grad():
+        out = steered.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=args.max_new_tokens,
+                               do_sample=False, pad_token_id=pad)
+    T = batch["input_ids"].shape[1]
+    return [tokenizer.decode(o[T:], skip_special_tokens=True).strip() for o in out]
+
+
 def _run_generate(args: argparse.Namespace) -> int:
+    vector = _steer_for_cli(args)
     model_name = check_adapter_for_cli(args.adapter, args.model) if args.adapter else (args.model or DEFAULT_MODEL)
+    if vector is not None:
+        _check_steer_fits(vector, model_name)
     model, tokenizer = load_for_cli(model_name, args)
     if args.adapter:
         model = attach_adapter(model, args.adapter)
-    status(f"generating {len(args.prompt)} repl{'y' if len(args.prompt) == 1 else 'ies'}")
+    status(f"generating {len(args.prompt)} repl{'y' if len(args.prompt) == 1 else 'ies'}"
+           + (f" steered by {args.steer} (coefficient {args.coefficient:g})" if vector is not None else ""))
     from reftkit.chat import generate_replies
 
-    replies = generate_replies(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                               chat=not args.no_chat)
+    if vector is not None:
+        replies = _steered_replies(model, tokenizer, vector, args)
+    else:
+        replies = generate_replies(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                                   chat=not args.no_chat)
     _print_replies(args, model_name, args.prompt, replies)
     return 0
 
@@ -495,6 +574,175 @@ def _run_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ steering
+
+def _add_steer_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="steer_action", metavar="ACTION", required=True)
+    extract = actions.add_parser(
+        "extract", parents=[_global_options(suppress=True)],
+        help="extract a steering vector from contrast pairs described by a YAML config")
+    extract.add_argument("config", metavar="CONFIG", help="a YAML extraction config (see examples/steer/); its "
+                                                          "relative paths are relative to its folder")
+    extract.add_argument("--overwrite", action="store_true",
+                         help="replace the vector in the output folder (the old one stays until the new one is "
+                              "complete)")
+    extract.add_argument("--device", metavar="DEVICE", help="where the model runs: cpu, cuda, cuda:N, mps or auto "
+                         "(default: the config's device, else auto)")
+    extract.add_argument("--dtype", metavar="DTYPE", help="dtype of the model's weights and activations: float32, "
+                         "bfloat16 (bf16), float16 (fp16) or auto (default: the config's dtype, else float32)")
+    inspect = actions.add_parser("inspect", parents=[_global_options(suppress=True)],
+                                 help="describe a steering-vector folder: method, sites, norms, scope, unit, model")
+    inspect.add_argument("folder", metavar="DIR", help="a folder written by `reftkit steer extract` or "
+                                                       "SteeringVector.save")
+    if _formats_module() is not None:
+        export = actions.add_parser("export", parents=[_global_options(suppress=True)],
+                                    help="write a steering vector as a llama.cpp control vector or an lm-eval file")
+        export.add_argument("folder", metavar="DIR", help="a steering-vector folder")
+        target = export.add_mutually_exclusive_group(required=True)
+        target.add_argument("--gguf", metavar="FILE", help="write a llama.cpp control-vector GGUF file")
+        target.add_argument("--lm-eval", metavar="FILE", help="write an lm-evaluation-harness steering file (.pt)")
+
+
+def _formats_module():
+    """`reftkit.steer.formats` where this install has it (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("reftkit.steer.formats")
+
+
+def _number(value: Any, spec: str = ".4g") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _diagnostics_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
+    rows = []
+    for site, info in (report.get("sites") or {}).items():
+        info = info if isinstance(info, dict) else {}
+        norm = info.get("norm")
+        if isinstance(norm, list):  # a positional vector: one norm per position
+            norm = max((n for n in norm if isinstance(n, (int, float))), default=None)
+        rows.append((site, _number(norm), _number(info.get("hidden_norm")), _number(info.get("relative_norm")),
+                     _number(info.get("consistency"), ".3f")))
+    return rows
+
+
+def _print_table(header: tuple, rows: list[tuple]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(f"{str(cell):<{w}}" for cell, w in zip(row, widths)).rstrip())
+
+
+def _run_steer_extract(args: argparse.Namespace) -> int:
+    from reftkit.steer.config import check_output, extraction_kwargs, load_steer_config
+
+    cfg = load_steer_config(args.config)
+    from reftkit.models import resolve_device, resolve_dtype
+
+    for key, resolve, fallback in (("device", resolve_device, "auto"), ("dtype", resolve_dtype, "float32")):
+        value = getattr(args, key) if getattr(args, key) is not None else cfg.get(key) or fallback
+        resolve(value)  # a bad name fails before the model loads
+        setattr(args, key, value)
+    check_output(cfg["output"], args.overwrite)
+    model, tokenizer = load_for_cli(cfg["model"], args)
+    status(f"extracting a {cfg['method']} vector from {len(cfg['pairs_rows'])} pair(s) of {cfg['pairs']}")
+    from reftkit.steer.config import save_vector
+    from reftkit.steer.extract import extract
+
+    kwargs = extraction_kwargs(cfg)
+    if cfg["method"] != "actadd":
+        kwargs["progress"] = not args.json
+    vector = extract(model, tokenizer, cfg["pairs_rows"], **kwargs)
+    folder = save_vector(vector, cfg["output"], overwrite=args.overwrite)
+    report = vector.report
+    if args.json:
+        emit_json({"output": str(folder), "method": vector.method, "sites": vector.sites, "unit": vector.unit,
+                   "scope": vector.scope, "report": report})
+        return 0
+    _print_table(("SITE", "|v|", "|h|", "|v|/|h|", "CONSISTENCY"), _diagnostics_rows(report))
+    for warning in report.get("warnings") or []:
+        print(f"warning: {warning}")
+    print(f"vector: {folder}")
+    return 0
+
+
+def _read_vector_config(folder: str) -> dict:
+    """`vector_config.json` of a steering-vector folder, read without torch."""
+    path = Path(folder) / "vector_config.json"
+    if not Path(folder).is_dir():
+        raise ConfigError(f"steering-vector folder {folder!r} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"no vector_config.json in {folder}; expected a folder written by `reftkit steer extract` "
+                          "or SteeringVector.save")
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: byte {e.start} is not UTF-8 ({e.reason})") from None
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); expected a steering vector config") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("sites"), list):
+        raise ConfigError(f"{path}: expected a JSON object with a list of 'sites'")
+    return doc
+
+
+def _run_steer_inspect(args: argparse.Namespace) -> int:
+    doc = _read_vector_config(args.folder)
+    if args.json:
+        emit_json({"path": args.folder, **doc})
+        return 0
+    hint = doc.get("model_hint") if isinstance(doc.get("model_hint"), dict) else {}
+    details = [str(hint[k]) for k in ("architecture", "model_type") if hint.get(k)]
+    details += [f"hidden {hint['hidden_size']}"] if hint.get("hidden_size") is not None else []
+    details += [f"{hint['num_layers']} layers"] if hint.get("num_layers") is not None else []
+    model = hint.get("source") if isinstance(hint.get("source"), str) else ("(not recorded)" if not hint else "")
+    counts = doc.get("counts") if isinstance(doc.get("counts"), dict) else {}
+    report = doc.get("report") if isinstance(doc.get("report"), dict) else {}
+    rows = [("path", args.folder), ("method", doc.get("method")), ("operator", doc.get("operator")),
+            ("sites", f"{', '.join(map(str, doc['sites']))} ({len(doc['sites'])})"),
+            ("scope", doc.get("scope")), ("unit", doc.get("unit")),
+            ("pairs", f"{counts.get('positive')} positive, {counts.get('negative')} negative" if counts else None),
+            ("read", report.get("read")),
+            ("model", f"{model} ({', '.join(details)})".strip() if details else model),
+            ("reftkit", doc.get("reftkit_version"))]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        if value not in (None, ""):
+            print(f"{key + ':':<{width + 1}}  {value}")
+    table = _diagnostics_rows(report)
+    if table:
+        print()
+        _print_table(("SITE", "|v|", "|h|", "|v|/|h|", "CONSISTENCY"), table)
+    for warning in report.get("warnings") or []:
+        print(f"warning: {warning}")
+    return 0
+
+
+def _run_steer_export(args: argparse.Namespace) -> int:
+    from reftkit.steer import formats
+    from reftkit.steer.vector import SteeringVector
+
+    vector = SteeringVector.load(args.folder)
+    if args.gguf:
+        path = formats.export_gguf(vector, args.gguf)
+    else:
+        path = formats.export_lm_eval(vector, args.lm_eval)
+    path = path or (args.gguf or args.lm_eval)
+    if args.json:
+        emit_json({"path": str(path)})
+    else:
+        print(f"wrote {path}")
+    return 0
+
+
+def _run_steer(args: argparse.Namespace) -> int:
+    """`steer inspect` reads JSON only; the actions that load torch silence transformers as `main` does for
+    commands that load models (the command is registered with `loads_models=False` for the sake of `inspect`)."""
+    if args.steer_action == "inspect":
+        return _run_steer_inspect(args)
+    run = _run_steer_extract if args.steer_action == "extract" else _run_steer_export
+    with quiet_transformers(not (args.verbose or args.debug)):
+        return run(args)
+
+
 COMMANDS: dict[str, Command] = {
     "models": Command(_add_models_arguments, _run_models, "built-in models (`models list`)", loads_models=False),
     "generate": Command(_add_generate_arguments, _run_generate, "greedy replies to prompts"),
@@ -504,6 +752,8 @@ COMMANDS: dict[str, Command] = {
     "trace": Command(_add_trace_arguments, _run_trace, "causal tracing of a factual prompt (heatmaps per component)"),
     "adapters": Command(_add_adapters_arguments, _run_adapters, "inspect saved adapters (`adapters inspect DIR`, "
                         "`adapters list DIR`)", loads_models=False),
+    "steer": Command(_add_steer_arguments, _run_steer, "steering vectors (`steer extract CONFIG`, `steer inspect DIR`)",
+                     loads_models=False),
 }
 
 

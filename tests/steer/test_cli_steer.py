@@ -1,0 +1,169 @@
+"""`reftkit steer extract / inspect` and `reftkit generate --steer` on tiny-llama (run in-process through
+`main(argv)`): the vector folder, the refusal to overwrite it, bad configs and pairs failing before any model is
+loaded, coefficient 0 giving the unsteered reply, a vector of another model refused, and the shipped example
+config being valid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import reftkit.models
+from reftkit.cli import main
+from reftkit.steer.config import load_steer_config
+from reftkit.steer.vector import SteeringVector
+
+ROOT = Path(__file__).resolve().parents[2]
+PAIRS = [{"positive": "I am delighted to help you today.", "negative": "ugh, fine, whatever."},
+         {"positive": "Thank you kindly for your patience.", "negative": "hurry up already."},
+         {"positive": "It would be my pleasure.", "negative": "not my problem."}]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _config(folder: Path, rows=PAIRS, **keys) -> Path:
+    (folder / "data").mkdir(exist_ok=True)
+    (folder / "data" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {"model": "tiny-llama", "pairs": "data/pairs.jsonl", "layers": [1, 2], "chat": False, **keys}
+    path = folder / "vec.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in cfg.items()))
+    return path
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"load_model was called with {args}")
+
+    monkeypatch.setattr(reftkit.models, "load_model", refuse)
+
+
+def test_extract_writes_the_vector_folder_and_refuses_to_overwrite_it(tmp_path, capsys):
+    config = _config(tmp_path, unit="mean_diff_norm")
+    code, out, err = run(capsys, "steer", "extract", str(config), "--device", "cpu")
+    assert code == 0, err
+    folder = tmp_path / "runs" / "vec"  # the default output: runs/<config stem> beside the config
+    vector = SteeringVector.load(folder)
+    assert vector.sites == ["L1.block_output", "L2.block_output"] and vector.unit == "mean_diff_norm"
+    assert vector.counts == {"positive": 3, "negative": 3} and vector.model_hint["hidden_size"] == 64
+    lines = out.splitlines()
+    assert lines[0].split() == ["SITE", "|v|", "|h|", "|v|/|h|", "CONSISTENCY"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:3]}
+    for site, info in vector.report["sites"].items():
+        assert float(rows[site][0]) == pytest.approx(info["norm"], rel=1e-3)
+        assert float(rows[site][2]) == pytest.approx(info["relative_norm"], rel=1e-3)
+        assert float(rows[site][3]) == pytest.approx(info["consistency"], abs=1e-3)
+    assert lines[-1] == f"vector: {folder}"
+    assert "extracting a mean_diff vector from 3 pair(s)" in err
+    before = (folder / "vectors.safetensors").read_bytes()
+
+    code, out, err = run(capsys, "steer", "extract", str(config))
+    assert code == 2 and out == ""
+    assert err.startswith("error: output folder") and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert (folder / "vectors.safetensors").read_bytes() == before
+
+    _config(tmp_path, rows=PAIRS[:2], unit="mean_diff_norm")
+    code, out, err = run(capsys, "steer", "extract", str(config), "--overwrite", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["output"] == str(folder) and doc["report"]["counts"] == {"positive": 2, "negative": 2}
+    assert SteeringVector.load(folder).counts == {"positive": 2, "negative": 2}
+    assert sorted(p.name for p in tmp_path.joinpath("runs").iterdir()) == ["vec"]  # no staging folder left
+
+
+def test_inspect_reads_the_folder(tmp_path, capsys):
+    config = _config(tmp_path, method="pca", options={"variant": "pair_centered"}, output="out/v")
+    assert run(capsys, "steer", "extract", str(config))[0] == 0
+    code, out, err = run(capsys, "steer", "inspect", str(tmp_path / "out" / "v"))
+    assert code == 0, err
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line and not line.startswith("L"))
+    assert fields["method"].strip() == "pca" and fields["unit"].strip() == "raw"
+    assert fields["sites"].strip() == "L1.block_output, L2.block_output (2)"
+    assert fields["pairs"].strip() == "3 positive, 3 negative"
+    assert "tiny-llama" in fields["model"]
+    code, out, _ = run(capsys, "steer", "inspect", str(tmp_path / "out" / "v"), "--json")
+    assert code == 0 and json.loads(out)["method"] == "pca"
+    code, _, err = run(capsys, "steer", "inspect", str(tmp_path))
+    assert code == 2 and err.startswith("error: no vector_config.json in")
+
+
+@pytest.mark.parametrize("change, rows, message", [
+    ({"method": "svd"}, PAIRS, "unknown method 'svd'"),
+    ({"colour": "red"}, PAIRS, "unknown keys ['colour']"),
+    ({"options": {"variant": "x"}}, PAIRS, "takes options"),
+    ({"layers": [-1]}, PAIRS, "layers must be"),
+    ({"chat": "yes"}, PAIRS, "chat must be true or false"),
+    ({"unit": "volts"}, PAIRS, "unknown unit 'volts'"),
+    ({"pairs": "data/missing.jsonl"}, PAIRS, "pairs file"),
+    ({"read": "answer"}, PAIRS, "read='answer' reads completion tokens"),
+    ({"method": "actadd"}, PAIRS, "actadd takes exactly one"),
+    ({}, PAIRS[:1] + [{"positive": "a", "negativ": "b"}], "line 2: expected keys"),
+    ({}, PAIRS + [{"positive": 3, "negative": "b"}], "line 4: positive must be a string"),
+    ({}, [], "holds no pairs"),
+])
+def test_bad_config_or_pairs_fail_before_the_model_loads(tmp_path, capsys, no_model_load, change, rows, message):
+    config = _config(tmp_path, rows=rows, **change)
+    code, out, err = run(capsys, "steer", "extract", str(config))
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_yaml_and_bad_rows_fail_before_the_model_loads(tmp_path, capsys, no_model_load):
+    config = tmp_path / "vec.yaml"
+    config.write_text("model: !!python/object/apply:os.system ['true']\npairs: p.jsonl\n")
+    code, _, err = run(capsys, "steer", "extract", str(config))
+    assert code == 2 and "is not valid YAML" in err
+    _config(tmp_path)
+    (tmp_path / "data" / "pairs.jsonl").write_text('{"positive": "a", "negative": "b"}\nnot json\n')
+    code, _, err = run(capsys, "steer", "extract", str(tmp_path / "vec.yaml"))
+    assert code == 2 and "pairs.jsonl, line 2: not a JSON object" in err
+    code, _, err = run(capsys, "steer", "extract", str(tmp_path / "vec.yaml"), "--device", "toaster")
+    assert code == 2 and err.startswith("error:")
+
+
+def test_generate_with_coefficient_0_is_the_plain_reply_and_a_vector_of_another_model_is_refused(tmp_path, capsys):
+    config = _config(tmp_path, unit="mean_diff_norm")
+    assert run(capsys, "steer", "extract", str(config))[0] == 0
+    folder = str(tmp_path / "runs" / "vec")
+    common = ["generate", "--model", "tiny-llama", "--prompt", "hello there", "--prompt", "hi", "--max-new-tokens",
+              "6", "--no-chat", "--json"]
+    code, plain, err = run(capsys, *common)
+    assert code == 0, err
+    code, zero, err = run(capsys, *common, "--steer", folder, "--coefficient", "0")
+    assert code == 0, err
+    assert json.loads(zero) == json.loads(plain)
+    code, strong, err = run(capsys, *common, "--steer", folder, "--coefficient", "400", "--scope", "all")
+    assert code == 0, err
+    assert json.loads(strong)["outputs"] != json.loads(plain)["outputs"]
+    code, _, err = run(capsys, *common, "--steer", folder, "--scope", "nowhere")
+    assert code == 2 and "--scope 'nowhere'" in err
+    code, _, err = run(capsys, *common, "--coefficient", "2")
+    assert code == 2 and "--coefficient needs --steer" in err
+    code, _, err = run(capsys, "generate", "--model", "tiny-gpt2", "--prompt", "hi", "--steer", folder)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "does not fit tiny-gpt2: model type 'llama' vs 'gpt2'" in errors[0], err
+    assert "loading tiny-gpt2" not in err  # refused from its config, before the weights load
+
+
+def test_generate_refuses_a_vector_of_another_model_before_loading(tmp_path, capsys, monkeypatch):
+    config = _config(tmp_path)
+    assert run(capsys, "steer", "extract", str(config))[0] == 0
+    vector = SteeringVector.load(tmp_path / "runs" / "vec")
+    vector.model_hint = {**vector.model_hint, "num_layers": 7}
+    vector.save(tmp_path / "other")
+    monkeypatch.setattr(reftkit.models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("load")))
+    code, _, err = run(capsys, "generate", "--model", "tiny-llama", "--prompt", "hi", "--steer", str(tmp_path / "other"))
+    assert code == 2 and "num layers 7 vs 4" in err
+
+
+def test_the_example_config_is_valid():
+    cfg = load_steer_config(ROOT / "examples" / "steer" / "formal.yaml")
+    assert cfg["model"] == "smollm2-135m-instruct" and cfg["method"] == "mean_diff" and cfg["layers"] == [6]
+    assert len(cfg["pairs_rows"]) >= 8 and all("prompt" in row for row in cfg["pairs_rows"])
+    assert Path(cfg["output"]) == ROOT / "examples" / "steer" / "runs" / "formal"
