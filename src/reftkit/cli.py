@@ -601,6 +601,10 @@ def _add_steer_arguments(parser: argparse.ArgumentParser) -> None:
         target = export.add_mutually_exclusive_group(required=True)
         target.add_argument("--gguf", metavar="FILE", help="write a llama.cpp control-vector GGUF file")
         target.add_argument("--lm-eval", metavar="FILE", help="write an lm-evaluation-harness steering file (.pt)")
+        export.add_argument("--coefficient", type=float, default=1.0, metavar="C",
+                            help="with --lm-eval: the strength baked into the file, in the vector's unit "
+                                 "(default %(default)s)")
+        export.add_argument("--overwrite", action="store_true", help="replace FILE when it exists")
 
 
 def _formats_module():
@@ -720,12 +724,17 @@ def _run_steer_export(args: argparse.Namespace) -> int:
     from reftkit.steer import formats
     from reftkit.steer.vector import SteeringVector
 
+    target = Path(args.gguf or args.lm_eval)
+    if target.exists() and not args.overwrite:
+        from reftkit.errors import OutputError
+
+        raise OutputError(f"{target} exists; pass --overwrite to replace it, or choose another file")
     vector = SteeringVector.load(args.folder)
     if args.gguf:
-        path = formats.export_gguf(vector, args.gguf)
+        path = formats.export_gguf(vector, target)
     else:
-        path = formats.export_lm_eval(vector, args.lm_eval)
-    path = path or (args.gguf or args.lm_eval)
+        path = formats.export_lm_eval(vector, target, coefficient=args.coefficient)
+    path = path or target
     if args.json:
         emit_json({"path": str(path)})
     else:

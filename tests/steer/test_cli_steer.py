@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import reftkit.models
 from reftkit.cli import main
@@ -167,3 +168,30 @@ def test_the_example_config_is_valid():
     assert cfg["model"] == "smollm2-135m-instruct" and cfg["method"] == "mean_diff" and cfg["layers"] == [6]
     assert len(cfg["pairs_rows"]) >= 8 and all("prompt" in row for row in cfg["pairs_rows"])
     assert Path(cfg["output"]) == ROOT / "examples" / "steer" / "runs" / "formal"
+
+
+def test_export_writes_gguf_and_lm_eval_files_and_refuses_to_overwrite_them(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from reftkit.steer import formats
+
+    config = _config(tmp_path)
+    assert run(capsys, "steer", "extract", str(config))[0] == 0
+    folder = str(tmp_path / "runs" / "vec")
+    target = tmp_path / "vec.gguf"
+    code, out, err = run(capsys, "steer", "export", folder, "--gguf", str(target))
+    assert code == 0, err
+    assert out.strip() == f"wrote {target}"
+    back, vector = formats.import_gguf(target), SteeringVector.load(folder)
+    assert set(back.sites) == set(vector.sites)
+    for site in vector.sites:
+        assert torch.equal(back.directions[site], vector.directions[site])
+    before = target.read_bytes()
+    code, _, err = run(capsys, "steer", "export", folder, "--gguf", str(target))
+    assert code == 2 and "exists; pass --overwrite" in err and target.read_bytes() == before
+    assert run(capsys, "steer", "export", folder, "--gguf", str(target), "--overwrite")[0] == 0
+    pt = tmp_path / "vec.pt"
+    code, _, err = run(capsys, "steer", "export", folder, "--lm-eval", str(pt), "--coefficient", "2")
+    assert code == 0, err
+    assert pt.is_file() and pt.stat().st_size > 0
+    code, _, err = run(capsys, "steer", "export", folder)
+    assert code == 2 and "one of the arguments --gguf --lm-eval is required" in err
