@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import re
 from pathlib import Path
 
@@ -385,10 +384,10 @@ def import_lm_eval(path, *, model=None) -> SteeringVector:
         raise ConfigError(f"no lm-eval steering file at {path}")
     try:
         doc = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ConfigError(f"{path}: the file holds objects other than tensors and plain data (torch.load with "
-                          "weights_only=True refuses them; they are never unpickled)") from None
     except Exception as e:  # noqa: BLE001 - any failure to read is the file's fault, reported as such
+        if type(e).__name__ == "UnpicklingError":  # what weights_only=True raises for anything but plain data
+            raise ConfigError(f"{path}: the file holds objects other than tensors and plain data (torch.load with "
+                              "weights_only=True refuses them; they are never unpickled)") from None
         raise ConfigError(f"{path} is not a readable lm-eval steering file (torch.load with weights_only=True): "
                           f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
     if not isinstance(doc, dict) or not doc:
