@@ -1,6 +1,6 @@
 """Atomic writes of folders and files, and recovery from a write that was killed half-way.
 
-A folder `NAME` is written into a private temporary sibling `.NAME.tmp-PID-XXXX` and swapped in by renames, each
+A folder `NAME` is written into a private temporary sibling `.NAME.tmp-PID-<random suffix>` and swapped in by renames, each
 of which (`os.replace` on one file system) is atomic:
 
 1. the finished temporary folder is renamed to `.NAME.new`: from here on a complete new copy has a known name;

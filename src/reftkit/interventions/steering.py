@@ -22,6 +22,7 @@ intervention's spec are config data. Computation is in the activations' dtype.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 
 import torch
@@ -193,8 +194,9 @@ class _NeuronIntervention(Intervention):
             raise InterventionError(f"{self.type_name} at {where}: neuron indices must be distinct and in "
                                     f"0..{base.shape[-1] - 1}")
 
+    @abc.abstractmethod
     def _new(self, old: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The new values of the selected neurons, from their old values and the stored ones."""
 
     def forward(self, base, source=None, subspaces=None):
         idx = self.neurons.to(base.device)

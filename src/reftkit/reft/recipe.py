@@ -46,6 +46,7 @@ from pathlib import Path
 from ..atomic import check_writable, recover_folder, replace_folder, write_file
 from ..behaviours import behaviour
 from ..errors import ConfigError, ReftkitError
+from ..yaml_config import beside, model_beside, read_mapping
 from .config import ReftConfig
 from .data import encode, read_rows
 from .model import ReftModel
@@ -60,23 +61,8 @@ FLAGS = ("--resume (resume=True)", "--overwrite (overwrite=True)")
 
 def load_recipe(path: "str | Path") -> dict:
     """Read and check a recipe; relative paths in it come back relative to its folder (see the module docstring)."""
-    import yaml
-
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:  # safe_load builds plain data only: a !!python/... tag is an error, never an object
-        cfg = yaml.safe_load(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: byte {e.start} is not UTF-8 ({e.reason}); a recipe is UTF-8 YAML text") from None
-    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an int too long to convert
-        raise ConfigError(f"{path} is not valid YAML: {e}") from e
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path} must hold a mapping with keys {sorted(TOP_KEYS)}")
-    _check_expanded_size(cfg, path)
-    unknown = set(cfg) - TOP_KEYS
-    if unknown:
-        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(TOP_KEYS)}")
+    cfg = read_mapping(path, TOP_KEYS, "recipe")
     for key in ("model", "data"):
         if key not in cfg:
             raise ConfigError(f"{path}: missing key {key!r}")
@@ -86,11 +72,11 @@ def load_recipe(path: "str | Path") -> dict:
             continue
         if not isinstance(cfg[key], str) or not cfg[key].strip():
             raise ConfigError(f"{path}: {key} must be a path (a string), got {cfg[key]!r}")
-        cfg[key] = str(_beside(base, cfg[key]))
+        cfg[key] = str(beside(base, cfg[key]))
     cfg.setdefault("output_dir", str(base / "runs" / path.stem))
     if cfg.get("output_dir") is None:
         raise ConfigError(f"{path}: output_dir must be a path, got null; omit it for {base / 'runs' / path.stem}")
-    cfg["model"] = _model_beside(base, cfg["model"])
+    cfg["model"] = model_beside(base, cfg["model"])
     cfg.setdefault("task", "sft")
     if cfg["task"] not in TASKS:
         raise ConfigError(f"{path}: unknown task {cfg['task']!r}; expected one of {', '.join(TASKS)}")
@@ -104,27 +90,6 @@ def load_recipe(path: "str | Path") -> dict:
     except ReftkitError as e:
         raise type(e)(f"{path}: {e}") from e
     return cfg
-
-
-MAX_VALUES = 100_000
-"""A recipe expands to at most this many values. YAML aliases share one value between many places, so a few
-lines can stand for billions of values (`a: &a [x, x]`, `b: &b [*a, *a]`, ...); error messages and checks that
-walk such a value would never finish."""
-
-
-def _check_expanded_size(cfg: dict, path: Path) -> None:
-    stack, seen = [cfg], 0
-    while stack:
-        value = stack.pop()
-        seen += 1
-        if seen > MAX_VALUES:
-            raise ConfigError(f"{path} expands to more than {MAX_VALUES:,} values (YAML aliases repeating one "
-                              "another?); a recipe is a few dozen keys, write the values out")
-        if isinstance(value, dict):
-            stack.extend(value.keys())
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
 
 
 def check_device_options(cfg: dict) -> None:
@@ -151,20 +116,6 @@ def _check_values(cfg: dict, path: Path) -> None:
     names = cfg.get("label_names")
     if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
         raise ConfigError(f"{path}: label_names must be a list of strings, got {names!r}")
-
-
-def _beside(base: Path, value: str) -> Path:
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else base / p
-
-
-def _model_beside(base: Path, model):
-    from ..models import builtin_names
-
-    if not isinstance(model, str) or model in builtin_names() or Path(model).expanduser().is_absolute():
-        return model
-    local = _beside(base, model)
-    return str(local) if local.exists() else model
 
 
 def reft_config(cfg: dict) -> ReftConfig:

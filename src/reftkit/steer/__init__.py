@@ -23,9 +23,15 @@ def __getattr__(name):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'reftkit.steer' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+    if module == "vector":
+        from . import vector as found
+    elif module == "operators":
+        from . import operators as found
+    elif module == "apply":
+        from . import apply as found
+    else:
+        from . import extract as found
+    return getattr(found, name)
 
 
 __all__ = list(_EXPORTS)

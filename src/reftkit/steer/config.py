@@ -17,7 +17,7 @@ dtype: float32                 # optional (`--dtype` wins)
 
 Decisions (the rules of `reft/recipe.py`):
 - The file is read with `yaml.safe_load` (plain data only), must be UTF-8, and may not expand (through YAML
-  aliases) to more than `MAX_VALUES` values. Unknown keys, wrong types and unknown methods or options are
+  aliases) to more than `yaml_config.MAX_VALUES` values. Unknown keys, wrong types and unknown methods or options are
   `ConfigError`s naming the file and the key.
 - Relative paths (`pairs`, `output`, a local `model`) are relative to the folder the config file is in, as named,
   never to the current folder; `~` is expanded.
@@ -34,6 +34,7 @@ import logging
 from pathlib import Path
 
 from ..errors import ConfigError, DataError, OutputError, ReftkitError
+from ..yaml_config import beside, model_beside, read_mapping
 
 log = logging.getLogger(__name__)
 
@@ -43,30 +44,14 @@ METHODS = ("mean_diff", "pca", "logistic", "actadd")
 METHOD_OPTIONS = {"mean_diff": {"normalize", "norm_reference"}, "pca": {"variant", "sign"},
                   "logistic": {"l2", "steps"}, "actadd": {"pad", "pad_token_id"}}
 UNITS = ("raw", "mean_diff_norm", "hidden_norm")
-MAX_VALUES = 100_000
 MAX_PAIRS = 1_000_000
 
 
 def load_steer_config(path: "str | Path") -> dict:
     """Read and check an extraction config and its pairs file; returns the config with absolute paths, defaults
     filled in, and `pairs_rows` (the checked rows as dicts)."""
-    import yaml
-
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        cfg = yaml.safe_load(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: byte {e.start} is not UTF-8 ({e.reason}); a config is UTF-8 YAML text") from None
-    except (yaml.YAMLError, ValueError, RecursionError) as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path} must hold a mapping with keys {sorted(TOP_KEYS)}")
-    _check_size(cfg, path)
-    unknown = set(cfg) - TOP_KEYS
-    if unknown:
-        raise ConfigError(f"{path}: unknown keys {sorted(map(str, unknown))}; expected {sorted(TOP_KEYS)}")
+    cfg = read_mapping(path, TOP_KEYS, "config")
     for key in ("model", "pairs"):
         if key not in cfg:
             raise ConfigError(f"{path}: missing key {key!r}")
@@ -75,30 +60,15 @@ def load_steer_config(path: "str | Path") -> dict:
     except ReftkitError as e:
         raise type(e)(f"{path}: {e}") from None
     base = path.parent
-    cfg["pairs"] = str(_beside(base, cfg["pairs"]))
+    cfg["pairs"] = str(beside(base, cfg["pairs"]))
     if cfg.get("output") is None:
         cfg["output"] = str(base / "runs" / path.stem)
     else:
-        cfg["output"] = str(_beside(base, cfg["output"]))
-    cfg["model"] = _model_beside(base, cfg["model"])
+        cfg["output"] = str(beside(base, cfg["output"]))
+    cfg["model"] = model_beside(base, cfg["model"])
     cfg["pairs_rows"] = read_pairs_file(cfg["pairs"])
     _check_rows(cfg)
     return cfg
-
-
-def _check_size(cfg: dict, path: Path) -> None:
-    stack, seen = [cfg], 0
-    while stack:
-        value = stack.pop()
-        seen += 1
-        if seen > MAX_VALUES:
-            raise ConfigError(f"{path} expands to more than {MAX_VALUES:,} values (YAML aliases repeating one "
-                              "another?); write the values out")
-        if isinstance(value, dict):
-            stack.extend(value.keys())
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
 
 
 def _is_int(value) -> bool:
@@ -162,20 +132,6 @@ def _check_values(cfg: dict) -> None:
     for key in ("device", "dtype"):
         if cfg.get(key) is not None and not isinstance(cfg[key], str):
             raise ConfigError(f"{key} must be a string such as 'cuda' or 'bf16', got {cfg[key]!r}")
-
-
-def _beside(base: Path, value: str) -> Path:
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else base / p
-
-
-def _model_beside(base: Path, model: str) -> str:
-    from ..models import builtin_names
-
-    if model in builtin_names() or Path(model).expanduser().is_absolute():
-        return model
-    local = _beside(base, model)
-    return str(local) if local.exists() else model
 
 
 def read_pairs_file(path: "str | Path") -> list[dict]:
