@@ -40,27 +40,13 @@ from torch.nn.utils import parametrize
 
 from .calls import (CallArguments, CallState, Now, ParametrizationReuse, StopForward, generation_step, region_of,
                     row_mask, start_generation, unique_name)
-from .errors import InterventionError, PositionError, ReftkitError, SiteError, SourceError
+from .errors import IncompatibleModelError, InterventionError, PositionError, ReftkitError, SiteError, SourceError
+from .binding import Binding
 from .interventions.base import Intervention
 from .positions import Positions
 from .sites import ResolvedSite, Site, decoder_root, resolve_site
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Binding:
-    """One intervention at one site. `positions` apply when a call passes none for this binding (and the
-    model's `default_positions` when neither does); `source` names which source input feeds it (interchange
-    types); `source_site` / `source_positions` read the source somewhere else than where the base is written."""
-
-    site: "Site | str | dict"
-    intervention: Intervention
-    name: str | None = None
-    positions: "Positions | str | None" = None
-    source: int = 0
-    source_site: "Site | str | dict | None" = None
-    source_positions: "Positions | str | None" = None
 
 
 @dataclass
@@ -507,7 +493,7 @@ class IntervenableModel(nn.Module):
     def binding_names(self) -> list[str]:
         return [b.name for b in self.bindings]
 
-    # ---- save / load (see io.py) --------------------------------------------------------------------------
+    # ---- save / load (see io.py; io knows bindings, not this class) --------------------------------------------------------------------------
     def save(self, directory) -> None:
         """Write `config.json` and `interventions.safetensors` to `directory` (atomically)."""
         from .io import save_intervenable
@@ -517,6 +503,10 @@ class IntervenableModel(nn.Module):
     @classmethod
     def load(cls, model: nn.Module, directory) -> "IntervenableModel":
         """Rebuild saved bindings and interventions on `model` (which must match the saved fingerprint)."""
-        from .io import load_intervenable
+        from .io import read_bindings
 
-        return load_intervenable(model, directory)
+        bindings, default, where = read_bindings(model, directory)
+        try:
+            return cls(model, bindings, default_positions=default)
+        except (SiteError, InterventionError) as e:
+            raise IncompatibleModelError(f"{where} does not fit this model: {e}") from e

@@ -31,6 +31,7 @@ from torch import nn
 
 from .adapters import base_model_record, check_base_model, naming_bases
 from .atomic import write_folder
+from .binding import Binding
 from .errors import ConfigError, IncompatibleModelError, InterventionError, PositionError, SiteError
 from .interventions import build_intervention
 from .positions import Positions
@@ -252,13 +253,13 @@ def _parse_positions(d, where: str):
         raise ConfigError(f"{where}: bad positions {d!r}: {e}") from e
 
 
-def load_intervenable(model: nn.Module, directory, *, check_base: bool = True):
-    """Rebuild the `IntervenableModel` saved in `directory` on `model`, which must be the recorded base model (its
-    weights too, unless `check_base=False`)."""
+def read_bindings(model: nn.Module, directory, *, check_base: bool = True):
+    """The bindings saved in `directory`, rebuilt for `model`, which must be the recorded base model (its weights
+    too, unless `check_base=False`): `(bindings, default_positions, where)`. `IntervenableModel.load` builds the
+    model from them."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .engine import Binding, IntervenableModel
 
     config = read_config(directory)
     where = str(Path(directory))
@@ -318,7 +319,4 @@ def load_intervenable(model: nn.Module, directory, *, check_base: bool = True):
             source_site=None if b["source_site"] is None else _parse_site(b["source_site"], at),
             source_positions=_parse_positions(b["source_positions"], at)))
     default = _parse_positions(config["default_positions"], f"{where}: default_positions") or "all"
-    try:
-        return IntervenableModel(model, bindings, default_positions=default)
-    except (SiteError, InterventionError) as e:
-        raise IncompatibleModelError(f"{where} does not fit this model: {e}") from e
+    return bindings, default, where

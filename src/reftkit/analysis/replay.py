@@ -33,7 +33,7 @@ from ..engine import Binding, IntervenableModel
 from ..errors import ReftkitError
 from ..interventions.basic import CollectIntervention
 from ..sites import Site, find_blocks, resolve_site
-from .sweep import EmbeddingNoise, SweepRows, _noise_kwargs, _progress, forward_kwargs, last_logits, noise_binding
+from .rows import EmbeddingNoise, SweepRows, forward_kwargs, last_logits, noise_binding, noise_kwargs, with_progress
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Replay:
                     for l in range(len(blocks))] + noise_binding(noise)
         try:
             with IntervenableModel(model, bindings) as im:
-                kw = _noise_kwargs(noise, torch.arange(input_ids.shape[0]))
+                kw = noise_kwargs(noise, torch.arange(input_ids.shape[0]))
                 result = im.run({"input_ids": input_ids}, use_cache=True, **kw, **forward_kwargs(model))
         finally:
             for h in handles:
@@ -136,7 +136,7 @@ class Replay:
         handles = self._install()
         out = torch.empty(len(rows))
         try:
-            for index in _progress(chunks, progress, "replay"):
+            for index in with_progress(chunks, progress, "replay"):
                 chunk = ordered.take(index)
                 logits = self._chunk(chunk, values)
                 out[order[index]] = score(logits, chunk.base).float().cpu()

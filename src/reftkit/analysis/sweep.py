@@ -21,83 +21,23 @@ corruption) in both evaluators.
 
 from __future__ import annotations
 
-import inspect
 import logging
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..engine import Binding, IntervenableModel
 from ..errors import ReftkitError, SiteError
-from ..interventions.basic import AddIntervention, CollectIntervention, ReplaceIntervention
+from ..interventions.basic import CollectIntervention, ReplaceIntervention
 from ..positions import Positions
 from ..sites import Site, model_dims, resolve_site
+from .rows import (EmbeddingNoise, SweepRows, forward_kwargs, last_logits, noise_binding,  # noqa: F401 (re-exported)
+                   noise_kwargs, with_progress)
 
 log = logging.getLogger(__name__)
 
 Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (last-token logits [n, V], base rows [n]) -> [n]
 METHODS = ("auto", "replay", "engine")
-
-
-@dataclass
-class SweepRows:
-    """One row per run. `component` indexes the sweep's component list; layers are inclusive."""
-
-    base: torch.Tensor
-    position: torch.Tensor
-    component: torch.Tensor
-    first_layer: torch.Tensor
-    last_layer: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.base.shape[0])
-
-    def take(self, index: torch.Tensor) -> "SweepRows":
-        return SweepRows(self.base[index], self.position[index], self.component[index], self.first_layer[index],
-                         self.last_layer[index])
-
-    @classmethod
-    def grid(cls, n_base: int, n_components: int, layers, positions, window: "int | list[int]" = 1,
-             n_layers: int | None = None) -> "SweepRows":
-        """Every (base row, component, layer, position), in that order. `window[c]` layers are replaced around
-        each layer for component `c`: `[l - w // 2, l - w // 2 + w)`, clipped to the model (Meng et al.)."""
-        layers = torch.as_tensor(list(layers), dtype=torch.long)
-        positions = torch.as_tensor(list(positions), dtype=torch.long)
-        windows = [window] * n_components if isinstance(window, int) else list(window)
-        b, c, l, t = torch.meshgrid(torch.arange(n_base), torch.arange(n_components), layers, positions,
-                                    indexing="ij")
-        w = torch.as_tensor(windows, dtype=torch.long)[c]
-        first = (l - w // 2).clamp(min=0)
-        last = l - w // 2 + w - 1
-        if n_layers is not None:
-            last = last.clamp(max=n_layers - 1)
-        return cls(b.reshape(-1), t.reshape(-1), c.reshape(-1), first.reshape(-1), last.reshape(-1))
-
-
-@dataclass
-class EmbeddingNoise:
-    """Noise added to the embedding output: `values [n_base, K, d]` at token `positions [K]`."""
-
-    positions: torch.Tensor
-    values: torch.Tensor
-
-
-def forward_kwargs(model) -> dict:
-    """Ask a causal LM for the last position's logits only, when its forward supports it."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-
-
-def last_logits(output) -> torch.Tensor:
-    logits = getattr(output, "logits", None)
-    if logits is None:
-        raise ReftkitError("the model returned no logits; patching and tracing need a causal language model "
-                           "(load it with task='causal-lm')")
-    return logits[:, -1].float()
 
 
 def check_eval(model) -> None:
@@ -116,10 +56,6 @@ def check_components(model, components) -> list[str]:
     return components
 
 
-def noise_binding(noise: EmbeddingNoise | None) -> list[Binding]:
-    return [] if noise is None else [Binding("embedding", AddIntervention(), name="embedding_noise")]
-
-
 @torch.no_grad()
 def collect_activations(model, input_ids: torch.Tensor, components, layers=None,
                         noise: EmbeddingNoise | None = None) -> tuple[dict, torch.Tensor]:
@@ -131,17 +67,10 @@ def collect_activations(model, input_ids: torch.Tensor, components, layers=None,
                 for c in components for l in layers]
     bindings += noise_binding(noise)
     with IntervenableModel(model, bindings) as im:
-        kwargs = _noise_kwargs(noise, torch.arange(input_ids.shape[0]))
+        kwargs = noise_kwargs(noise, torch.arange(input_ids.shape[0]))
         result = im.run({"input_ids": input_ids}, **kwargs, **forward_kwargs(model))
     acts = {c: torch.stack([result.collected[f"{c}@{l}"] for l in layers]) for c in components}
     return acts, last_logits(result.output)
-
-
-def _noise_kwargs(noise: EmbeddingNoise | None, base: torch.Tensor) -> dict:
-    if noise is None:
-        return {}
-    return {"positions": {"embedding_noise": Positions.indices(noise.positions)},
-            "source_representations": {"embedding_noise": noise.values[base]}}
 
 
 def run_sweep(model, input_ids: torch.Tensor, components: list[str], values: dict, rows: SweepRows, score: Score,
@@ -181,7 +110,7 @@ def engine_sweep(model, input_ids, components, values, rows: SweepRows, score: S
     kwargs = forward_kwargs(model)
     chunks = range(0, len(rows), chunk_size)
     with IntervenableModel(model, bindings) as im:
-        for start in _progress(chunks, progress, "sweep"):
+        for start in with_progress(chunks, progress, "sweep"):
             index = torch.arange(start, min(start + chunk_size, len(rows)))
             chunk = rows.take(index)
             positions, reps = {}, {}
@@ -191,18 +120,10 @@ def engine_sweep(model, input_ids, components, values, rows: SweepRows, score: S
                     on = (chunk.component == ci) & (chunk.first_layer <= l) & (chunk.last_layer >= l)
                     positions[f"{ci}@{l}"] = Positions.indices(torch.where(on, chunk.position, -1)[:, None])
                     reps[f"{ci}@{l}"] = vals[l, chunk.base, chunk.position].unsqueeze(1)
-            extra = _noise_kwargs(noise, chunk.base)
+            extra = noise_kwargs(noise, chunk.base)
             positions.update(extra.get("positions", {}))
             reps.update(extra.get("source_representations", {}))
             result = im.run({"input_ids": input_ids[chunk.base]}, positions=positions, source_representations=reps,
                             **kwargs)
             out[index] = score(last_logits(result.output), chunk.base).float().cpu()
     return out
-
-
-def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False)
