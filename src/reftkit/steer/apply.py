@@ -36,7 +36,7 @@ import torch
 from ..engine import IntervenableModel
 from ..errors import ConfigError, PositionError
 from ..positions import Positions
-from .vector import SteeringVector, check_coefficient
+from .coefficients import check_coefficient, is_vector
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class Steered:
 
     def __init__(self, model, entries, *, scope=None, unit: str | None = None, trace: bool = False,
                  check_weights: bool = True):
-        if isinstance(entries, tuple) and len(entries) == 2 and isinstance(entries[0], SteeringVector):
+        if isinstance(entries, tuple) and len(entries) == 2 and is_vector(entries[0]):
             entries = [entries]
         entries = list(entries)
         if not entries:
@@ -161,9 +161,9 @@ class Steered:
         bindings, routes = [], []  # routes: per binding, the [batch] bool rows it reaches, or None (all rows)
         self.batch: int | None = None
         for n, entry in enumerate(entries):
-            if isinstance(entry, SteeringVector):
+            if is_vector(entry):
                 vector, coefficient, own_scope = entry, 1.0, None
-            elif isinstance(entry, (tuple, list)) and len(entry) in (2, 3) and isinstance(entry[0], SteeringVector):
+            elif isinstance(entry, (tuple, list)) and len(entry) in (2, 3) and is_vector(entry[0]):
                 vector, coefficient = entry[0], entry[1]
                 own_scope = _as_positions(entry[2]) if len(entry) == 3 else None
             else:
@@ -341,7 +341,7 @@ def steer(model, vectors_and_coefficients, *, scope=None, unit: str | None = Non
     `IntervenableModel`. `scope` (a name of `SCOPES`, a positions string or a `Positions`) overrides each vector's
     own scope unless an entry gives its own; `unit` overrides the vectors' coefficient unit. Use it as a context
     manager, or call `remove()`."""
-    if isinstance(vectors_and_coefficients, SteeringVector):
+    if is_vector(vectors_and_coefficients):
         vectors_and_coefficients = [(vectors_and_coefficients, 1.0)]
     return Steered(model, vectors_and_coefficients, scope=scope, unit=unit, trace=trace, check_weights=check_weights)
 

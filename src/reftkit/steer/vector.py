@@ -41,6 +41,7 @@ import torch
 from ..errors import ConfigError, IncompatibleModelError, PositionError, SiteError
 from ..positions import Positions
 from ..sites import Site, resolve_site
+from .coefficients import check_coefficient
 
 log = logging.getLogger(__name__)
 
@@ -375,17 +376,6 @@ class SteeringVector:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
-
-def check_coefficient(value) -> float:
-    """A finite real coefficient as a float, else a `ConfigError`."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"a steering coefficient must be a real number, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(f"a steering coefficient must be finite, got {value!r}")
-    return float(value)
-
 
 def _factor(value, what: str) -> float:
     try:
