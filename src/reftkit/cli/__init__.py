@@ -40,6 +40,7 @@ from reftkit.cli.adapters import add_adapters_arguments, run_adapters
 from reftkit.cli.eval import add_eval_arguments, run_eval
 from reftkit.cli.generate import add_generate_arguments, run_generate
 from reftkit.cli.models import add_models_arguments, run_models
+from reftkit.cli.serve import add_serve_arguments, run_serve
 from reftkit.cli.steer import add_steer_arguments, run_steer
 from reftkit.cli.trace import add_trace_arguments, run_trace
 from reftkit.cli.train import add_demo_arguments, add_train_arguments, run_demo, run_train
@@ -54,6 +55,8 @@ COMMANDS: dict[str, Command] = {
     "trace": Command(add_trace_arguments, run_trace, "causal tracing of a factual prompt (heatmaps per component)"),
     "adapters": Command(add_adapters_arguments, run_adapters, "inspect saved adapters (`adapters inspect DIR`, "
                         "`adapters list DIR`)", loads_models=False),
+    "serve": Command(add_serve_arguments, run_serve, "an OpenAI-compatible server for a model with adapters and "
+                     "steering vectors"),
     "steer": Command(add_steer_arguments, run_steer, "steering vectors (`steer extract CONFIG`, `steer inspect DIR`)",
                      loads_models=False),
 }
