@@ -155,6 +155,34 @@ def _accepts_position_ids(model) -> bool:
         return False
 
 
+def iter_batches(model, batches, sites: list[Site], *, progress: bool = False, desc: str = "read activations"):
+    """One forward per `(inputs, read_mask)` batch (without gradients, positions from the attention mask), reading
+    every site at the `read_mask` tokens; yields `(counts, {site name: [B, K, d] float32 CPU})` where row b's first
+    `counts[b]` slots are its read tokens in order (the rest padding). The model is in eval mode meanwhile."""
+    device = _model_device(model)
+    names = [s.name for s in sites]
+    bindings = [Binding(s, CollectIntervention(), name=s.name) for s in sites]
+    with_positions = _accepts_position_ids(model)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=desc, unit="batch", leave=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), IntervenableModel(model, bindings) as im:
+            for inputs, read_mask in batches:
+                mask = inputs["attention_mask"]
+                kwargs = {k: v.to(device) for k, v in inputs.items()}
+                if with_positions and not bool(mask.all()):
+                    kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0).to(device)
+                out = im.run(kwargs, positions=Positions.mask(read_mask.to(device)), use_cache=False)
+                # the mask selector lists each row's tokens first, in order
+                yield read_mask.sum(1), {n: out.collected[n].float().cpu() for n in names}
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def read_sequences(model, tokenizer, seqs: list[Sequence], sites: list[Site], read, *, batch_size: int = 16,
                    padding_side: str = "right", progress: bool = False) -> tuple[dict, dict]:
@@ -164,39 +192,19 @@ def read_sequences(model, tokenizer, seqs: list[Sequence], sites: list[Site], re
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = 0 if pad is None else pad
-    batches = [(seqs[i:i + batch_size],) + padded_batch(seqs[i:i + batch_size], read, pad, padding_side)
+    batches = [padded_batch(seqs[i:i + batch_size], read, pad, padding_side)
                for i in range(0, len(seqs), batch_size)]
-    device = _model_device(model)
     names = [s.name for s in sites]
-    bindings = [Binding(s, CollectIntervention(), name=s.name) for s in sites]
     pooled = {n: [] for n in names}
     norm_sum = {n: 0.0 for n in names}
     tokens = 0
-    with_positions = _accepts_position_ids(model)
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(batches, desc="read activations", unit="batch", leave=False)
-    was_training = model.training
-    model.eval()
-    try:
-        with IntervenableModel(model, bindings) as im:
-            for _, inputs, read_mask in iterator:
-                mask = inputs["attention_mask"]
-                kwargs = {k: v.to(device) for k, v in inputs.items()}
-                if with_positions and not bool(mask.all()):
-                    kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0).to(device)
-                out = im.run(kwargs, positions=Positions.mask(read_mask.to(device)), use_cache=False)
-                counts = read_mask.sum(1)  # the mask selector lists each row's tokens first, in order
-                tokens += int(counts.sum())
-                for n in names:
-                    v = out.collected[n].float().cpu()  # [B, K, d]
-                    valid = (torch.arange(v.shape[1])[None, :] < counts[:, None]).float()
-                    pooled[n].append((v * valid[..., None]).sum(1) / counts[:, None])
-                    norm_sum[n] += float((v.norm(dim=-1) * valid).double().sum())
-    finally:
-        model.train(was_training)
+    for counts, collected in iter_batches(model, batches, sites, progress=progress):
+        tokens += int(counts.sum())
+        for n in names:
+            v = collected[n]  # [B, K, d]
+            valid = (torch.arange(v.shape[1])[None, :] < counts[:, None]).float()
+            pooled[n].append((v * valid[..., None]).sum(1) / counts[:, None])
+            norm_sum[n] += float((v.norm(dim=-1) * valid).double().sum())
     vectors = {n: torch.cat(pooled[n]) for n in names}
     return vectors, {n: norm_sum[n] / max(tokens, 1) for n in names}
 
