@@ -15,6 +15,11 @@ Decisions:
   scope should, where the positions grammar reads `all` as the prompt only. A prompt-only scope that selects no token of some row is a `PositionError`.
 - **Several vectors compose in one model**: their bindings are applied in the order given; two vectors at one site
   edit it one after the other.
+- **With a ReFT adapter**: `steer(reft_model, ...)` (a `ReftModel`) steers its base model with the active adapter
+  and the vectors in one `IntervenableModel`: the adapter's interventions (the same modules, at their own
+  positions) come first, the vectors after them, so at a site both edit the adapter's output is what the vector
+  is added to. A `ReftModel` with its adapters disabled, or without an active adapter, is steered as its base
+  model. (Two engines on one model cannot both edit in one `generate`: each edits only during its own call.)
 - **Per-row coefficients**: a coefficient may be a list or tensor with one value per batch row (`None` in a list:
   that row is not steered by that vector). Each distinct value becomes its own set of bindings, routed to its
   rows through the engine's `active` masks, so every row is computed exactly as if it were steered alone; rows
@@ -158,6 +163,7 @@ class Steered:
         if not entries:
             raise ConfigError("steer() needs at least one (SteeringVector, coefficient) pair")
         positions = _as_positions(scope)
+        model, adapter = _adapter_bindings(model)
         bindings, routes = [], []  # routes: per binding, the [batch] bool rows it reaches, or None (all rows)
         self.batch: int | None = None
         for n, entry in enumerate(entries):
@@ -188,6 +194,7 @@ class Steered:
                 routes += [mask] * len(made)
         if not bindings:
             raise ConfigError("no row is steered: every per-row coefficient is None")
+        bindings, routes = adapter + bindings, [None] * len(adapter) + routes
         self.intervenable = IntervenableModel(model, bindings, default_positions="all")
         self.model = model
         self._active = None
@@ -323,6 +330,24 @@ class Steered:
         if self.trace is not None:
             self.trace.clear()
         self._trace_key = None
+
+
+def _adapter_bindings(model):
+    """-> (the model to hook, bindings of its active ReFT adapter). A `ReftModel` (recognised by its parts, so
+    this module does not import reft) gives its base model and its active adapter's interventions at their own
+    positions; any other model gives itself and no bindings."""
+    slots, adapters = getattr(model, "_slots", None), getattr(model, "adapters", None)
+    base = getattr(model, "model", None)
+    if not isinstance(slots, dict) or adapters is None or not isinstance(base, torch.nn.Module) \
+            or not hasattr(model, "active_adapter"):
+        return model, []
+    name = model.active_adapter
+    if not getattr(model, "_enabled", True) or name is None:
+        return base, []
+    from ..binding import Binding
+
+    return base, [Binding(site, iv, f"adapter:{tag}", positions)
+                  for (site, positions, tag), iv in zip(slots[name], adapters[name])]
 
 
 def _region(inputs: dict) -> torch.Tensor:

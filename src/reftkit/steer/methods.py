@@ -2,7 +2,8 @@
 
 A *method* says how a model is changed: `VectorMethod` (a `SteeringVector` at a coefficient), `AdapterMethod` (one
 adapter of a `ReftModel`), `PromptMethod` (an instruction added through the chat template) and `BaseMethod` (the
-model as it is). `method.session(model, coefficient)` is a context manager that yields a `Runner` with `logits`
+model as it is); `ConditionalMethod` is a vector applied only to the rows whose prompt fires a CAST condition.
+`method.session(model, coefficient)` is a context manager that yields a `Runner` with `logits`
 and `generate`; `method.prompt_ids(tokenizer, prompt)` is the prompt the method sees. Only vectors have a
 coefficient; the other methods take `coefficients=None` (or a list of one value, which is recorded and ignored).
 """
@@ -102,19 +103,73 @@ class VectorMethod(Method):
         from .apply import steer
 
         with steer(model, [(self.vector, check_coefficient(coefficient))], scope=self.scope, unit=self.unit) as s:
-            scope = s.intervenable.bindings[0].positions  # one vector: every site shares its scope
-
-            def forward(ids, mask, prompt):
-                inputs = {"input_ids": ids, "attention_mask": mask}
-                if prompt is None or self.vector.positional:
-                    return s.run(inputs).output.logits
-                return s.run(inputs, positions=_teacher_forced(scope, prompt.bool(), mask.bool())).output.logits
-
-            yield Runner(forward, lambda ids, mask, **kw: s.generate(ids, attention_mask=mask, **kw))
+            yield Runner(lambda ids, mask, prompt: _steered_logits(s, self.vector, ids, mask, prompt),
+                         lambda ids, mask, **kw: s.generate(ids, attention_mask=mask, **kw))
 
     def describe(self) -> dict:
         return {"method": self.name, "vector": self.vector.method, "sites": self.vector.sites,
                 "unit": self.unit or self.vector.unit, "scope": None if self.scope is None else str(self.scope)}
+
+
+def _steered_logits(s, vector, ids, mask, prompt):
+    """Logits of one forward through the steered model `s`: a prompt + completion forward (`prompt` given) edits
+    where generation would (`_teacher_forced`); a positional vector edits its first T tokens."""
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if prompt is None or vector.positional:
+        return s.run(inputs).output.logits
+    scope = s.intervenable.bindings[0].positions  # one vector: every site shares its scope
+    return s.run(inputs, positions=_teacher_forced(scope, prompt.bool(), mask.bool())).output.logits
+
+
+class ConditionalMethod(VectorMethod):
+    """CAST: a steering vector applied, at each coefficient of the grid, only to the rows whose prompt fires
+    `condition` (a `steer.condition.Condition`), decided per row from the row's own real prompt tokens (for a
+    neutral text, the whole text). Rows that do not fire run as the base model."""
+
+    name = "conditional"
+
+    def __init__(self, vector: SteeringVector, condition, scope=None, unit: str | None = None):
+        super().__init__(vector, scope=scope, unit=unit)
+        from .condition import Condition
+
+        if not isinstance(condition, Condition):
+            raise ConfigError(f"ConditionalMethod takes a Condition, got {type(condition).__name__}")
+        self.condition = condition
+        self.fired: list[bool] = []  # every decision made, in order (the report counts them)
+
+    def _rows(self, model, ids, region, coefficient):
+        rows = [ids[r][region[r].bool()].tolist() for r in range(ids.shape[0])]
+        decisions = self.condition.decide(self.condition.similarities_of_ids(model, rows))
+        self.fired += decisions
+        return [coefficient if f else None for f in decisions]
+
+    @contextmanager
+    def session(self, model, coefficient=None):
+        from .apply import steer
+
+        c = check_coefficient(coefficient)
+
+        def forward(ids, mask, prompt):
+            rows = self._rows(model, ids, mask if prompt is None else prompt, c)
+            if all(r is None for r in rows):
+                return model(input_ids=ids, attention_mask=mask).logits
+            with steer(model, [(self.vector, rows)], scope=self.scope, unit=self.unit) as s:
+                return _steered_logits(s, self.vector, ids, mask, prompt)
+
+        def generate(ids, mask, **kw):
+            rows = self._rows(model, ids, mask, c)
+            if all(r is None for r in rows):
+                return model.generate(input_ids=ids, attention_mask=mask, **kw)
+            with steer(model, [(self.vector, rows)], scope=self.scope, unit=self.unit) as s:
+                return s.generate(ids, attention_mask=mask, **kw)
+
+        yield Runner(forward, generate)
+
+    def describe(self) -> dict:
+        c = self.condition
+        return {**super().describe(), "method": self.name,
+                "condition": {"site": c.site, "threshold": c.threshold, "aggregate": c.aggregate, "fire": c.fire},
+                "fired": sum(self.fired), "decided": len(self.fired)}
 
 
 def _teacher_forced(scope, prompt: torch.Tensor, mask: torch.Tensor):
@@ -205,4 +260,4 @@ def _check_method(method) -> Method:
     return method
 
 
-__all__ = ["AdapterMethod", "BaseMethod", "Method", "PromptMethod", "Runner", "VectorMethod"]
+__all__ = ["AdapterMethod", "BaseMethod", "ConditionalMethod", "Method", "PromptMethod", "Runner", "VectorMethod"]
