@@ -100,3 +100,23 @@ def async_client(url, **kw):
     import openai
 
     return openai.AsyncOpenAI(base_url=url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+
+def slow_down(app, seconds_per_forward: float):
+    """Make every forward of the app's model take at least this long (a test-only hook), so that batches last
+    long enough for clients to disconnect, queue up or race adapter updates. Returns the hook handle."""
+    model = app.state.reftkit.batcher.engine.model
+
+    def pause(module, args, kwargs):
+        time.sleep(seconds_per_forward)
+
+    return model.register_forward_pre_hook(pause, with_kwargs=True)
+
+
+def metric(url: str, name: str, headers=None) -> float:
+    import httpx
+
+    for line in httpx.get(url + "/metrics", headers=headers or {}).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
