@@ -195,3 +195,109 @@ def test_export_writes_gguf_and_lm_eval_files_and_refuses_to_overwrite_them(tmp_
     assert pt.is_file() and pt.stat().st_size > 0
     code, _, err = run(capsys, "steer", "export", folder)
     assert code == 2 and "one of the arguments --gguf --lm-eval is required" in err
+
+
+def _reference_replies(model, tok, prompts, plan, new=6):
+    """Greedy replies steered by `plan` ([(vector, coefficient)] on `model`, which may be a ReftModel), built
+    through the library, as `generate` should make them."""
+    from reftkit.chat import left_padded
+    from reftkit.steer import steer
+
+    batch = left_padded(tok, prompts, False)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else batch["input_ids"][0, 0].item()
+    with torch.no_grad(), steer(model, plan) as s:
+        out = s.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=new, do_sample=False,
+                         pad_token_id=pad)
+    T = batch["input_ids"].shape[1]
+    return [tok.decode(o[T:], skip_special_tokens=True).strip() for o in out]
+
+
+def _two_vectors(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    for name, site in (("a", "L1.block_output"), ("b", "L2.block_output")):
+        SteeringVector({site: 40 * torch.randn(64, generator=g)}).save(tmp_path / name)
+    return str(tmp_path / "a"), str(tmp_path / "b")
+
+
+PROMPTS = ["hello there", "hi", "a longer prompt here"]
+GENERATE = ["generate", "--model", "tiny-llama", "--max-new-tokens", "6", "--no-chat", "--json"] + \
+    [x for p in PROMPTS for x in ("--prompt", p)]
+
+
+def _outputs(text):
+    return [o["reply"] for o in json.loads(text)["outputs"]]
+
+
+def test_generate_composes_several_vectors_each_with_its_coefficient(tmp_path, capsys):
+    a, b = _two_vectors(tmp_path)
+    model, tok = reftkit.models.load_model("tiny-llama")
+    code, out, err = run(capsys, *GENERATE, "--steer", f"{a}:2", "--steer", f"{b}:-1.5")
+    assert code == 0, err
+    va, vb = SteeringVector.load(a), SteeringVector.load(b)
+    assert _outputs(out) == _reference_replies(model, tok, PROMPTS, [(va, 2.0), (vb, -1.5)])
+    assert _outputs(out) != _reference_replies(model, tok, PROMPTS, [(va, 2.0)])
+    code, default, err = run(capsys, *GENERATE, "--steer", a, "--steer", f"{b}:-1.5", "--coefficient", "2")
+    assert code == 0 and default == out  # --coefficient is the default of entries without their own
+    code, zero, _ = run(capsys, *GENERATE, "--steer", f"{a}:0", "--steer", f"{b}:0")
+    code, plain, _ = run(capsys, *GENERATE)
+    assert json.loads(zero) == json.loads(plain)
+    code, _, err = run(capsys, *GENERATE, "--steer", f"{a}:strong")
+    assert code == 2 and "expected DIR or DIR:C with a number C, got 'strong'" in err
+    code, _, err = run(capsys, *GENERATE, "--steer", f"{a}:nan")
+    assert code == 2 and f"--steer {a}:nan" in err
+
+
+def test_generate_with_an_adapter_and_vectors_in_one_call(tmp_path, capsys):
+    from reftkit.reft.config import ReftConfig
+    from reftkit.reft.model import ReftModel
+
+    a, b = _two_vectors(tmp_path)
+    model, tok = reftkit.models.load_model("tiny-llama")
+    ReftModel(model, ReftConfig(rank=4, layers=[0, 2], positions="l1")).save_pretrained(tmp_path / "adapter")
+    code, out, err = run(capsys, *GENERATE, "--adapter", str(tmp_path / "adapter"), "--steer", f"{a}:2",
+                         "--steer", f"{b}:1")
+    assert code == 0, err
+    assert "with the adapter" in err
+    model, tok = reftkit.models.load_model("tiny-llama")
+    reft = ReftModel.from_pretrained(model, tmp_path / "adapter")
+    try:
+        expected = _reference_replies(reft, tok, PROMPTS, [(SteeringVector.load(a), 2.0),
+                                                          (SteeringVector.load(b), 1.0)])
+    finally:
+        reft.unload()
+    assert _outputs(out) == expected
+    code, adapter_only, _ = run(capsys, *GENERATE, "--adapter", str(tmp_path / "adapter"))
+    assert _outputs(adapter_only) != expected
+    code, zero, _ = run(capsys, *GENERATE, "--adapter", str(tmp_path / "adapter"), "--steer", f"{a}:0")
+    assert json.loads(zero)["outputs"] == json.loads(adapter_only)["outputs"]
+
+
+def test_generate_with_a_condition_steers_only_the_prompts_that_fire(tmp_path, capsys):
+    from reftkit.steer.condition import Condition
+
+    a, _ = _two_vectors(tmp_path)
+    SteeringVector({"L1.block_output": torch.randn(64, generator=torch.Generator().manual_seed(8))}).save(
+        tmp_path / "cond")
+    model, tok = reftkit.models.load_model("tiny-llama")
+    probe = Condition.from_vector(SteeringVector.load(tmp_path / "cond"), threshold=0.0)
+    sims = probe.similarities(model, tok, PROMPTS, chat=False).tolist()
+    threshold = sorted(sims)[0] + 1e-6  # every prompt but the least similar fires
+    fired = [s > threshold for s in sims]
+    assert fired.count(False) == 1
+    code, out, err = run(capsys, *GENERATE, "--steer", f"{a}:2", "--condition", str(tmp_path / "cond"),
+                         "--threshold", repr(threshold))
+    assert code == 0, err
+    assert err.count("condition fires") == 2 and err.count("condition does not fire") == 1
+    steered = _reference_replies(model, tok, PROMPTS, [(SteeringVector.load(a), 2.0)])
+    code, plain, _ = run(capsys, *GENERATE)
+    for got, s, p, f in zip(_outputs(out), steered, _outputs(plain), fired):
+        assert got == (s if f else p)
+    code, below, err = run(capsys, *GENERATE, "--steer", f"{a}:2", "--condition", str(tmp_path / "cond"),
+                           "--threshold", "-5", "--condition-fire", "below")
+    assert code == 0 and json.loads(below) == json.loads(plain)  # nothing fires: the plain model
+    code, _, err = run(capsys, *GENERATE, "--steer", a, "--condition", str(tmp_path / "cond"))
+    assert code == 2 and "--condition needs --threshold" in err
+    code, _, err = run(capsys, *GENERATE, "--steer", a, "--threshold", "0.5")
+    assert code == 2 and "--threshold and --condition-site need --condition" in err
+    code, _, err = run(capsys, *GENERATE, "--condition", str(tmp_path / "cond"), "--threshold", "0.5")
+    assert code == 2 and "--condition needs --steer" in err

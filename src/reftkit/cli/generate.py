@@ -1,4 +1,5 @@
-"""`reftkit generate`: greedy replies, with an optional ReFT adapter and steering vector."""
+"""`reftkit generate`: greedy replies, with an optional ReFT adapter, steering vectors (composed, each with its
+coefficient) and conditional steering (CAST)."""
 
 from __future__ import annotations
 
@@ -18,44 +19,99 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most tokens generated per reply, greedily (default %(default)s)")
     parser.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     parser.add_argument("--adapter", metavar="DIR", help="a folder of saved ReFT interventions to apply")
-    parser.add_argument("--steer", metavar="DIR", help="a steering-vector folder (written by `reftkit steer extract` "
-                                                       "or SteeringVector.save) to apply while generating")
+    parser.add_argument("--steer", action="append", metavar="DIR[:C]",
+                        help="a steering-vector folder (written by `reftkit steer extract` or SteeringVector.save) to "
+                             "apply while generating, optionally with its own coefficient after a colon (DIR:2.5); "
+                             "repeat to compose several vectors, applied in the order given; combines with --adapter")
     parser.add_argument("--coefficient", type=float, metavar="C",
-                        help="strength of the --steer vector, in its unit (default: 1.0 with --steer)")
+                        help="strength of each --steer vector that gives no DIR:C of its own, in the vector's unit "
+                             "(default: 1.0)")
     parser.add_argument("--scope", metavar="S",
-                        help="tokens the --steer vector edits: all, prompt, generated, last_prompt_token_then_generated "
-                             "or a positions string such as 'l1@all' (default: the vector's own scope)")
+                        help="tokens the --steer vectors edit: all, prompt, generated, last_prompt_token_then_generated "
+                             "or a positions string such as 'l1@all' (default: each vector's own scope)")
     parser.add_argument("--unit", choices=("raw", "mean_diff_norm", "hidden_norm"),
-                        help="unit of --coefficient: raw, mean_diff_norm or hidden_norm (default: the vector's unit)")
+                        help="unit of the coefficients: raw, mean_diff_norm or hidden_norm (default: each vector's "
+                             "unit)")
+    parser.add_argument("--condition", metavar="DIR",
+                        help="conditional steering (CAST): a steering-vector folder whose direction decides, for each "
+                             "prompt separately, whether the --steer vectors apply to it (needs --threshold)")
+    parser.add_argument("--threshold", type=float, metavar="T",
+                        help="with --condition: a prompt is steered when cos(h, tanh(P h)) is above T (or below, "
+                             "with --condition-fire below); fit T with reftkit.steer.condition.fit_threshold")
+    parser.add_argument("--condition-site", metavar="SITE",
+                        help="with --condition: the site of the condition vector to use (default: its only site)")
+    parser.add_argument("--condition-aggregate", choices=("mean", "last"), default="mean",
+                        help="with --condition: the prompt's hidden state compared, mean over its tokens or the last "
+                             "token (default %(default)s)")
+    parser.add_argument("--condition-fire", choices=("above", "below"), default="above",
+                        help="with --condition: steer when the similarity is above or below T (default %(default)s)")
     add_device_arguments(parser)
 
 
-def _steer_for_cli(args: argparse.Namespace):
-    """`--steer DIR` and its options, read and checked before any model is loaded: the vector, or None."""
+def split_steer(text: str) -> tuple[str, float | None]:
+    """`DIR` or `DIR:C` -> (folder, coefficient or None). A folder that exists is taken whole, colon and all."""
+    from pathlib import Path
+
+    folder, sep, tail = text.rpartition(":")
+    if not sep or not folder or Path(text).is_dir():
+        return text, None
+    try:
+        value = float(tail)
+    except ValueError:
+        raise ConfigError(f"--steer {text!r}: expected DIR or DIR:C with a number C, got {tail!r} after the "
+                          "colon") from None
+    return folder, value
+
+
+def _steer_for_cli(args: argparse.Namespace) -> list:
+    """`--steer DIR[:C]` (repeatable), `--condition` and their options, read and checked before any model is
+    loaded: [(vector, coefficient)] (empty without --steer); `args.condition_object` gets the Condition or None."""
+    args.condition_object = None
     if not args.steer:
-        for option in ("coefficient", "scope", "unit"):
+        for option in ("coefficient", "scope", "unit", "condition", "threshold", "condition_site"):
             if getattr(args, option) is not None:
-                raise ConfigError(f"--{option} needs --steer DIR (see 'reftkit generate --help')")
-        return None
-    if args.adapter:
-        raise ConfigError("--steer and --adapter cannot be combined yet; apply one of them")
+                raise ConfigError(f"--{option.replace('_', '-')} needs --steer DIR (see 'reftkit generate --help')")
+        return []
     from reftkit.errors import PositionError
     from reftkit.steer.vector import SteeringVector, check_coefficient, resolve_scope
 
-    vector = SteeringVector.load(args.steer)
-    args.coefficient = check_coefficient(1.0 if args.coefficient is None else args.coefficient)
-    if args.scope is not None:
-        from reftkit.steer.apply import _as_positions
-
+    entries = []
+    default = 1.0 if args.coefficient is None else args.coefficient
+    for text in args.steer:
+        folder, own = split_steer(text)
+        vector = SteeringVector.load(folder)
         try:
-            resolve_scope(vector, _as_positions(args.scope))
-        except PositionError as e:
-            raise ConfigError(f"--scope {args.scope!r}: {e}") from None
-    vector.raw_multipliers(args.coefficient, args.unit)
-    return vector
+            coefficient = check_coefficient(default if own is None else own)
+            vector.raw_multipliers(coefficient, args.unit)
+        except ConfigError as e:
+            raise ConfigError(f"--steer {text}: {e}") from None
+        if args.scope is not None:
+            from reftkit.steer.apply import _as_positions
+
+            try:
+                resolve_scope(vector, _as_positions(args.scope))
+            except PositionError as e:
+                raise ConfigError(f"--scope {args.scope!r}: {e}") from None
+        entries.append((folder, vector, coefficient))
+    if args.condition is None:
+        if args.threshold is not None or args.condition_site is not None:
+            raise ConfigError("--threshold and --condition-site need --condition DIR")
+    else:
+        if args.threshold is None:
+            raise ConfigError("--condition needs --threshold T (fit it with reftkit.steer.condition.fit_threshold)")
+        from reftkit.steer.condition import Condition
+
+        args.condition_vector = SteeringVector.load(args.condition)
+        try:
+            args.condition_object = Condition.from_vector(
+                args.condition_vector, args.condition_site, threshold=args.threshold,
+                aggregate=args.condition_aggregate, fire=args.condition_fire)
+        except ConfigError as e:
+            raise ConfigError(f"--condition {args.condition}: {e}") from None
+    return entries
 
 
-def _check_steer_fits(vector, model_name: str) -> None:
+def _check_steer_fits(vector, model_name: str, where: str = "") -> None:
     """Before loading: the vector's recorded hidden size and layer count against the model's config, where that
     is cheap to read (the full `check_model` runs once the model is loaded)."""
     from reftkit.errors import IncompatibleModelError
@@ -70,44 +126,69 @@ def _check_steer_fits(vector, model_name: str) -> None:
     diffs = [f"{key.replace('_', ' ')} {hint[key]!r} vs {now[key]!r}" for key in now
              if hint.get(key) is not None and now[key] is not None and hint[key] != now[key]]
     if diffs:
-        raise IncompatibleModelError(f"the --steer vector does not fit {model_name}: "
+        raise IncompatibleModelError(f"the --steer vector {where} does not fit {model_name}: "
                                      f"{'; '.join(diffs)}")
 
 
-def _steered_replies(model, tokenizer, vector, args: argparse.Namespace) -> list[str]:
-    """Greedy replies (as `chat.generate_replies` makes them) with the vector applied at its scope."""
+def _steered_replies(model, tokenizer, entries, args: argparse.Namespace) -> list[str]:
+    """Greedy replies (as `chat.generate_replies` makes them) with the vectors applied at their scopes, on top of
+    the --adapter when there is one (`steer` takes the ReftModel); with --condition, only on the prompts whose
+    condition fires."""
     import torch
 
     from reftkit.chat import left_padded
-    from reftkit.steer.apply import _as_positions
+    from reftkit.steer.apply import _as_positions, steer
 
-    vector.check_model(model)
-    device = next(model.parameters()).device
+    base = getattr(model, "model", model) if args.adapter else model
+    for _, vector, _ in entries:
+        vector.check_model(base)
+    device = next(base.parameters()).device
     batch = left_padded(tokenizer, args.prompt, not args.no_chat, device)
     pad = batch["input_ids"][0, 0].item() if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     scope = None if args.scope is None else _as_positions(args.scope)
-    with vector.apply(model, args.coefficient, scope=scope, unit=args.unit) as steered, torch.no_grad():
-        out = steered.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=args.max_new_tokens,
-                               do_sample=False, pad_token_id=pad)
+    plan = [(vector, coefficient) for _, vector, coefficient in entries]
+    condition = args.condition_object
+    if condition is not None:
+        sims = condition.similarities(base, tokenizer, args.prompt, chat=not args.no_chat)
+        fired = condition.decide(sims)
+        for prompt, sim, f in zip(args.prompt, sims.tolist(), fired):
+            status(f"condition {'fires' if f else 'does not fire'} (similarity {sim:.3f}, threshold "
+                   f"{condition.threshold:g} {condition.fire}): {prompt[:60]}")
+        plan = [(vector, condition.row_coefficients(sims, coefficient)) for vector, coefficient in plan]
+        if not any(fired):
+            plan = []
+    generate_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
+    with torch.no_grad():
+        if plan:
+            with steer(model, plan, scope=scope, unit=args.unit) as steered:
+                out = steered.generate(batch["input_ids"], batch["attention_mask"], **generate_kwargs)
+        else:
+            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 **generate_kwargs)
     T = batch["input_ids"].shape[1]
     return [tokenizer.decode(o[T:], skip_special_tokens=True).strip() for o in out]
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    vector = _steer_for_cli(args)
+    entries = _steer_for_cli(args)
     model_name = check_adapter_for_cli(args.adapter, args.model) if args.adapter else (args.model or DEFAULT_MODEL)
-    if vector is not None:
-        _check_steer_fits(vector, model_name)
+    for folder, vector, _ in entries:
+        _check_steer_fits(vector, model_name, folder)
+    if args.condition_object is not None:
+        _check_steer_fits(args.condition_vector, model_name, args.condition)
     model, tokenizer = load_for_cli(model_name, args)
     if args.adapter:
         model = attach_adapter(model, args.adapter)
-    status(f"generating {len(args.prompt)} repl{'y' if len(args.prompt) == 1 else 'ies'}"
-           + (f" steered by {args.steer} (coefficient {args.coefficient:g})" if vector is not None else ""))
-    from reftkit.chat import generate_replies
-
-    if vector is not None:
-        replies = _steered_replies(model, tokenizer, vector, args)
+    if entries:
+        what = ", ".join(f"{folder} ({coefficient:g})" for folder, _, coefficient in entries)
+        status(f"generating {len(args.prompt)} repl{'y' if len(args.prompt) == 1 else 'ies'} steered by {what}"
+               + (f" with the adapter {args.adapter}" if args.adapter else "")
+               + (f" where {args.condition} fires" if args.condition else ""))
+        replies = _steered_replies(model, tokenizer, entries, args)
     else:
+        status(f"generating {len(args.prompt)} repl{'y' if len(args.prompt) == 1 else 'ies'}")
+        from reftkit.chat import generate_replies
+
         replies = generate_replies(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                                    chat=not args.no_chat)
     print_replies(args, model_name, args.prompt, replies)

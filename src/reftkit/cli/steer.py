@@ -1,4 +1,4 @@
-"""`reftkit steer extract|inspect|export`: steering vectors."""
+"""`reftkit steer extract|eval|inspect|export`: steering vectors (`eval` lives in steer_eval.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ def add_steer_arguments(parser: argparse.ArgumentParser) -> None:
                          "(default: the config's device, else auto)")
     extract.add_argument("--dtype", metavar="DTYPE", help="dtype of the model's weights and activations: float32, "
                          "bfloat16 (bf16), float16 (fp16) or auto (default: the config's dtype, else float32)")
+    from reftkit.cli.steer_eval import add_steer_eval_arguments
+
+    add_steer_eval_arguments(actions)
     inspect = actions.add_parser("inspect", parents=[global_options(suppress=True)],
                                  help="describe a steering-vector folder: method, sites, norms, scope, unit, model")
     inspect.add_argument("folder", metavar="DIR", help="a folder written by `reftkit steer extract` or "
@@ -182,6 +185,11 @@ def run_steer(args: argparse.Namespace) -> int:
     commands that load models (the command is registered with `loads_models=False` for the sake of `inspect`)."""
     if args.steer_action == "inspect":
         return _run_steer_inspect(args)
-    run = _run_steer_extract if args.steer_action == "extract" else _run_steer_export
+    if args.steer_action == "eval":
+        from reftkit.cli.steer_eval import run_steer_eval
+
+        run = run_steer_eval
+    else:
+        run = _run_steer_extract if args.steer_action == "extract" else _run_steer_export
     with quiet_transformers(not (args.verbose or args.debug)):
         return run(args)
