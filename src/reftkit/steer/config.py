@@ -3,7 +3,7 @@
 ```yaml
 model: smollm2-135m-instruct   # built-in name, local folder (relative to this file when it exists there) or .gguf
 pairs: data/pairs.jsonl        # JSONL rows {"positive", "negative"} or {"prompt", "positive", "negative"}
-method: mean_diff              # mean_diff (default) | pca | logistic | actadd
+method: mean_diff              # mean_diff (default) | pca | logistic | actadd | refusal | iti | lape
 options: {}                    # method options, e.g. {variant: pair_centered} for pca, {l2: 0.001} for logistic
 layers: [6]                    # optional: layers read at block_output (default every layer); or give `sites`
 read: last                     # last (default) | answer | completion_mean | a positions selector ("l3", "f1")
@@ -14,6 +14,11 @@ output: runs/my_vector         # default runs/<file name without .yaml>, beside 
 device: cpu                    # optional (`--device` wins)
 dtype: float32                 # optional (`--dtype` wins)
 ```
+
+`refusal` reads `pairs` rows {"positive": harmful instruction, "negative": harmless instruction}; `iti` reads
+pairs like the others (positive = the behaviour to move towards); `lape` reads `texts:` instead of `pairs:`, a
+JSONL file of {"language", "text"} rows, and needs `options: {language: fr}` (the language whose neurons the
+vector edits; `edit: deactivate | additive | replacement | diffmean`). These three take `unit: raw` only.
 
 Decisions (the rules of `reft/recipe.py`):
 - The file is read with `yaml.safe_load` (plain data only), must be UTF-8, and may not expand (through YAML
@@ -38,11 +43,16 @@ from ..yaml_config import beside, model_beside, read_mapping
 
 log = logging.getLogger(__name__)
 
-TOP_KEYS = {"model", "pairs", "method", "options", "layers", "sites", "read", "chat", "unit", "batch_size",
+TOP_KEYS = {"model", "pairs", "texts", "method", "options", "layers", "sites", "read", "chat", "unit", "batch_size",
             "output", "device", "dtype"}
-METHODS = ("mean_diff", "pca", "logistic", "actadd")
+METHODS = ("mean_diff", "pca", "logistic", "actadd", "refusal", "iti", "lape")
 METHOD_OPTIONS = {"mean_diff": {"normalize", "norm_reference"}, "pca": {"variant", "sign"},
-                  "logistic": {"l2", "steps"}, "actadd": {"pad", "pad_token_id"}}
+                  "logistic": {"l2", "steps"}, "actadd": {"pad", "pad_token_id"},
+                  "refusal": {"val_ratio", "seed", "positions", "refusal_starts", "kl_threshold", "induce_threshold",
+                              "prune_layer_fraction", "operator"},
+                  "iti": {"heads", "val_ratio", "seed", "l2", "steps"},
+                  "lape": {"language", "edit", "value", "top_rate", "filter_rate", "activation_bar_ratio"}}
+RAW_ONLY = ("actadd", "refusal", "iti", "lape")
 UNITS = ("raw", "mean_diff_norm", "hidden_norm")
 MAX_PAIRS = 1_000_000
 
@@ -52,9 +62,17 @@ def load_steer_config(path: "str | Path") -> dict:
     filled in, and `pairs_rows` (the checked rows as dicts)."""
     path = Path(path).expanduser()
     cfg = read_mapping(path, TOP_KEYS, "config")
-    for key in ("model", "pairs"):
+    data_key = "texts" if cfg.get("method") == "lape" else "pairs"
+    for key in ("model", data_key):
         if key not in cfg:
-            raise ConfigError(f"{path}: missing key {key!r}")
+            raise ConfigError(f"{path}: missing key {key!r}" + (" (lape reads texts: a JSONL file of "
+                                                                 "{\"language\", \"text\"} rows)"
+                                                                 if key == "texts" else ""))
+    other = "pairs" if data_key == "texts" else "texts"
+    if other in cfg:
+        raise ConfigError(f"{path}: method {cfg.get('method', 'mean_diff')!r} reads {data_key}, not {other}")
+    if data_key == "texts":
+        cfg["pairs"] = cfg.pop("texts")  # the data file, whatever its rows are
     try:
         _check_values(cfg)
     except ReftkitError as e:
@@ -66,7 +84,7 @@ def load_steer_config(path: "str | Path") -> dict:
     else:
         cfg["output"] = str(beside(base, cfg["output"]))
     cfg["model"] = model_beside(base, cfg["model"])
-    cfg["pairs_rows"] = read_pairs_file(cfg["pairs"])
+    cfg["pairs_rows"] = read_texts_file(cfg["pairs"]) if data_key == "texts" else read_pairs_file(cfg["pairs"])
     _check_rows(cfg)
     return cfg
 
@@ -124,8 +142,13 @@ def _check_values(cfg: dict) -> None:
     cfg.setdefault("unit", "raw")
     if cfg["unit"] not in UNITS:
         raise ConfigError(f"unknown unit {cfg['unit']!r}; expected one of {', '.join(UNITS)}")
-    if cfg["method"] == "actadd" and cfg["unit"] != "raw":
-        raise ConfigError("actadd vectors are positional and take raw coefficients: unit must be raw")
+    if cfg["method"] in RAW_ONLY and cfg["unit"] != "raw":
+        raise ConfigError(f"{cfg['method']} vectors take raw coefficients: unit must be raw")
+    if cfg["method"] in ("refusal", "lape") and cfg["read"] != "last":
+        raise ConfigError(f"{cfg['method']} chooses the tokens it reads; leave out read")
+    if cfg["method"] == "lape" and not isinstance(options.get("language"), str):
+        raise ConfigError("lape needs options: {language: <a language of the texts file>}, the language whose "
+                          "neurons the vector edits")
     cfg.setdefault("batch_size", 16)
     if not _is_int(cfg["batch_size"]) or cfg["batch_size"] < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {cfg['batch_size']!r}")
@@ -176,10 +199,51 @@ def read_pairs_file(path: "str | Path") -> list[dict]:
     return rows
 
 
+def read_texts_file(path: "str | Path") -> list[dict]:
+    """The rows of a JSONL texts file for `lape`: JSON objects {"language", "text"} with non-empty strings, at least
+    two languages. A bad row is a `DataError` naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"texts file {path} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: byte {e.start} is not UTF-8 ({e.reason})") from None
+    except OSError as e:
+        raise DataError(f"cannot read texts file {path}: {e}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise DataError(f"{path}, line {number}: not a JSON object ({e})") from None
+        if not isinstance(row, dict) or set(row) != {"language", "text"} \
+                or not all(isinstance(v, str) and v.strip() for v in row.values()):
+            raise DataError(f"{path}, line {number}: expected {{\"language\": ..., \"text\": ...}} with non-empty "
+                            f"strings, got {line.strip()[:80]}")
+        rows.append(row)
+        if len(rows) > MAX_PAIRS:
+            raise DataError(f"{path}: more than {MAX_PAIRS:,} texts")
+    if len({r["language"] for r in rows}) < 2:
+        raise DataError(f"{path}: LAPE compares languages; the file holds {len({r['language'] for r in rows})}")
+    return rows
+
+
 def _check_rows(cfg: dict) -> None:
     from .data import check_read, make_pairs
 
     where = cfg["pairs"]
+    if cfg["method"] == "lape":
+        languages = {r["language"] for r in cfg["pairs_rows"]}
+        if cfg["options"]["language"] not in languages:
+            raise DataError(f"{where}: options.language {cfg['options']['language']!r} is not one of the file's "
+                            f"languages ({', '.join(sorted(languages))})")
+        return
+    if cfg["method"] == "refusal" and "prompt" in cfg["pairs_rows"][0]:
+        raise DataError(f"{where}: refusal takes rows {{\"positive\": harmful, \"negative\": harmless}} without a "
+                        "prompt")
     if cfg["method"] == "actadd":
         if len(cfg["pairs_rows"]) != 1 or "prompt" in cfg["pairs_rows"][0]:
             raise DataError(f"{where}: actadd takes exactly one {{\"positive\", \"negative\"}} prompt pair, got "
@@ -227,7 +291,10 @@ def extraction_kwargs(cfg: dict) -> dict:
            **cfg["options"]}
     if cfg["method"] != "actadd":
         out.update(read=cfg["read"], unit=cfg["unit"], batch_size=cfg["batch_size"])
+    if cfg["method"] in ("refusal", "lape"):
+        del out["read"]
     return out
 
 
-__all__ = ["check_output", "extraction_kwargs", "load_steer_config", "read_pairs_file", "save_vector"]
+__all__ = ["check_output", "extraction_kwargs", "load_steer_config", "read_pairs_file", "read_texts_file",
+           "save_vector"]

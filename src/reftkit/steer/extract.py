@@ -76,6 +76,7 @@ from .vector import SteeringVector
 log = logging.getLogger(__name__)
 
 METHODS = ("mean_diff", "pca", "logistic", "actadd")
+FAMILY_METHODS = ("refusal", "iti", "lape")  # their own modules: refusal.py, iti.py, lape.py
 PCA_VARIANTS = ("diff_centered", "diff_uncentered", "pair_centered")
 UNITS = ("raw", "mean_diff_norm", "hidden_norm")
 LOW_PCA_COSINE = 0.8
@@ -498,7 +499,13 @@ def extract(model, tokenizer, pairs, method: str = "mean_diff", *, sites=None, l
             chat: bool = False, batch_size: int = 16, padding_side: str = "right", unit: str = "raw",
             progress: bool = False, **options):
     """Read the contrast pairs on `model` and fit a `SteeringVector` (see the module docstring). `pairs`: anything
-    `make_pairs(pairs=...)` accepts. `method="actadd"` takes exactly one text pair."""
+    `make_pairs(pairs=...)` accepts. `method="actadd"` takes exactly one text pair. `refusal` (text pairs: harmful,
+    harmless), `iti` and `lape` (`pairs`: rows {language, text} or {language: [texts]}; options `language`, `edit`,
+    `value` and the selection thresholds) go to their modules (`extract_family`)."""
+    if method in FAMILY_METHODS:
+        return extract_family(model, tokenizer, pairs, method, sites=sites, layers=layers, read=read, chat=chat,
+                              batch_size=batch_size, padding_side=padding_side, unit=unit, progress=progress,
+                              **options)
     if method == "actadd":
         pairs = make_pairs(pairs=pairs)
         if len(pairs) != 1 or pairs[0].prompt is not None:
@@ -509,13 +516,52 @@ def extract(model, tokenizer, pairs, method: str = "mean_diff", *, sites=None, l
         return actadd(model, tokenizer, pairs[0].positive, pairs[0].negative, sites=sites, layers=layers, chat=chat,
                       **options)
     if method not in METHODS:
-        raise ConfigError(f"unknown extraction method {method!r}; expected one of {METHODS}")
+        raise ConfigError(f"unknown extraction method {method!r}; expected one of {METHODS + FAMILY_METHODS}")
     _options(method, options)  # unknown options fail before the forward passes
     acts = read_pairs(model, tokenizer, pairs, sites=sites, layers=layers, read=read, chat=chat,
                       batch_size=batch_size, padding_side=padding_side, progress=progress)
     return from_activations(acts.positive, acts.negative, method, hidden_norm=acts.hidden_norm, unit=unit,
                             read=acts.read, model_hint=base_model_record(model), warnings=acts.warnings,
                             read_seconds=acts.seconds, **options)
+
+
+def extract_family(model, tokenizer, data, method: str, *, sites=None, layers=None, read="last", chat: bool = False,
+                   batch_size: int = 16, padding_side: str = "right", unit: str = "raw", progress: bool = False,
+                   **options):
+    """`refusal`, `iti` or `lape` through `extract`'s arguments (see `extract`)."""
+    if sites is not None:
+        raise ConfigError(f"method {method!r} chooses its own sites; give layers=..., not sites=...")
+    if unit != "raw":
+        raise ConfigError(f"{method} vectors take raw coefficients (unit='raw'), not unit={unit!r}")
+    if method == "refusal":
+        from .refusal import refusal_direction
+
+        if read != "last":
+            raise ConfigError("refusal reads the post-instruction positions itself; leave read at 'last' (use the "
+                              "positions option to choose how many)")
+        pairs = make_pairs(pairs=data)
+        with_prompt = next((i for i, p in enumerate(pairs) if p.prompt is not None), None)
+        if with_prompt is not None:
+            raise DataError(f"pair {with_prompt}: refusal takes (harmful, harmless) instruction pairs without a prompt")
+        return refusal_direction(model, tokenizer, [p.positive for p in pairs], [p.negative for p in pairs],
+                                 layers=layers, chat=chat, batch_size=batch_size, progress=progress, **options)
+    if method == "iti":
+        from .iti import iti
+
+        return iti(model, tokenizer, data, layers=layers, read=read, chat=chat, batch_size=batch_size,
+                   padding_side=padding_side, progress=progress, **options)
+    if method == "lape":
+        from .lape import lape
+
+        if read != "last":
+            raise ConfigError("lape counts every ordinary token of each text; leave read at 'last'")
+        vector_options = {k: options.pop(k) for k in ("language", "edit", "value") if k in options}
+        if "language" not in vector_options:
+            raise ConfigError("lape needs the language whose neurons to edit (language=...)")
+        neurons = lape(model, tokenizer, data, layers=layers, chat=chat, batch_size=batch_size, progress=progress,
+                       **options)
+        return neurons.vector(**vector_options)
+    raise ConfigError(f"unknown extraction method {method!r}; expected one of {METHODS + FAMILY_METHODS}")
 
 
 def _space_id(tokenizer) -> int:

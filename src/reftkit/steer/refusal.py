@@ -15,8 +15,8 @@ token:
 - `induce`: the mean refusal score on harmless prompts with `+r` (un-normalised) added at `L{l}.block_input`;
 - `kl`: the mean KL(base ‖ ablated) of the last-position next-token distribution on harmless prompts.
 
-Candidates at layers `l ≥ (1 − prune_layer_fraction)·L` are not scored (the paper's default keeps the first 80%
-of layers); of the rest, those with `kl > kl_threshold` (0.1) or `induce < induce_threshold` (0) are filtered
+Candidates at layers `l ≥ int((1 − prune_layer_fraction)·L)` are not scored (the paper's default keeps the first 80%
+of layers), nor are zero ones (at layer 0 the template's tokens are the same embeddings); of the rest, those with `kl > kl_threshold` (0.1) or `induce < induce_threshold` (0) are filtered
 out, and the lowest `bypass` wins. When none passes, the lowest bypass of all scored candidates is taken and a
 warning says so.
 
@@ -131,8 +131,8 @@ def select_candidate(candidates: list[dict], *, kl_threshold: float, induce_thre
     without scores (pruned layers) are skipped."""
     scored = [c for c in candidates if c.get("bypass") is not None]
     if not scored:
-        raise DataError("no refusal-direction candidate was scored (every layer was pruned); lower "
-                        "prune_layer_fraction or give earlier layers")
+        raise DataError("no refusal-direction candidate was scored (pruned layers and zero directions only); "
+                        "lower prune_layer_fraction or give earlier layers")
     for c in scored:
         reasons = []
         if not c["kl"] <= kl_threshold:
@@ -298,7 +298,7 @@ def refusal_direction(model, tokenizer, harmful, harmless, *, val_harmful=None, 
     base_val = _last_logits(model, val, pad, batch_size)
     base_harmful = float(refusal_scores(base_val[:n_vh], tokens).mean())
     base_harmless = float(refusal_scores(base_val[n_vh:], tokens).mean())
-    cutoff = (1 - prune_layer_fraction) * n_layers
+    cutoff = int(n_layers * (1.0 - prune_layer_fraction))  # as the reference code rounds it
     candidates = []
     work = [(s, i) for s in sites for i in range(n_pos)]
     iterator = work
@@ -314,8 +314,8 @@ def refusal_direction(model, tokenizer, harmful, harmless, *, val_harmful=None, 
         if site.layer >= cutoff:
             entry.update(bypass=None, induce=None, kl=None, passed=False, filtered=["pruned layer"])
             continue
-        if float(r.norm()) == 0.0:
-            entry.update(bypass=float("inf"), induce=float("-inf"), kl=0.0)
+        if float(r.norm()) == 0.0:  # e.g. layer 0, where the template's tokens have the same embedding
+            entry.update(bypass=None, induce=None, kl=None, passed=False, filtered=["zero direction"])
             continue
         ablate = _vector(r, ablation_sites(n_layers), "ablate", hidden_norm=0.0, model_hint={}, counts={},
                          report={})
