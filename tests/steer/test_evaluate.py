@@ -104,6 +104,18 @@ def test_kl_is_zero_for_base_and_positive_when_steered(tiny_llama):
     assert_close(base["base_nll"], nll / base["tokens"], dtype=F32)
     prompted = side_effects(model, tok, PromptMethod("Answer in capitals."), None, NEUTRAL)
     assert prompted["kl"] > 0 and prompted["tokens"] == base["tokens"]
+    # the text is a continuation of the BOS prompt: a scope from the last prompt token on edits every text token
+    # (scoring the text as a prompt would edit only its last token, whose prediction is not scored)
+    from reftkit.steer import steer
+
+    last_on = side_effects(model, tok, VectorMethod(_vector(), scope="last_prompt_token_then_generated"), 2.0,
+                           NEUTRAL[:1])
+    x = [tok.bos_token_id] + tok(NEUTRAL[0], add_special_tokens=False)["input_ids"]
+    with torch.no_grad(), steer(model, [(_vector(), 2.0)], scope="all") as s:
+        lp = s(torch.tensor([x])).logits[0].double().log_softmax(-1)
+    assert_close(last_on["nll"], -sum(float(lp[k, t]) for k, t in enumerate(x[1:])) / (len(x) - 1), dtype=F32)
+    prompt_only = side_effects(model, tok, VectorMethod(_vector(), scope="prompt"), 2.0, NEUTRAL[:1])
+    assert 0 < prompt_only["kl"] < last_on["kl"]  # only the BOS prompt is edited
 
 
 def test_distinct_n_on_fixed_strings():

@@ -7,8 +7,7 @@ Metrics (every result is a JSON-able dict; undefined values are `None`, never Na
   forward (right-padded, so every row's positions are its own), edited where generation would edit: a vector's
   scope is resolved on the prompt, and the completion tokens count as generated tokens (edited under `@all` and
   `@generated` scopes, such as `all`, `generated`, `from_instruction_end`), a positional (ActAdd) vector edits the
-  first T tokens; an adapter counts its positions over the prompt (`prompt_mask`). Neutral texts are
-  prompts in their own right: scopes and adapter positions count over the whole text.
+  first T tokens; an adapter counts its positions over the prompt (`prompt_mask`).
 - **Steerability** (Tan et al.; `steerability`): with coefficients `x_j` and an example's propensities `y_ij`
   (its Δ log-likelihood at `x_j`), the example's slope is the least-squares slope
   `Σ_j (x_j - x̄)(y_ij - ȳ_i) / Σ_j (x_j - x̄)²`; `mean_slope` is their mean; `anti_steerable_fraction` is the
@@ -22,8 +21,12 @@ Metrics (every result is a JSON-able dict; undefined values are `None`, never Na
 - **Side effects on neutral text** (`side_effects`): over every predicted token of the texts (token-weighted),
   the mean `KL(base || steered) = Σ_v p_base(v) (log p_base(v) - log p_steered(v))` of next-token distributions
   (float64; exactly 0 when the logits are identical), and the mean NLL of the steered (and the base) model. A
-  prompting method scores the text after its instruction (`instruction + "\\n\\n"`), the base model after the BOS
-  token alone: both predict the same text tokens.
+  text is scored as a continuation, the way the likelihoods score completions: its prompt is the BOS token alone
+  (the first token of the text when the tokenizer has no BOS) and, for a prompting method, its instruction
+  (`instruction + "\\n\\n"`) after it; the text's tokens count as generated tokens. So a vector edits the text
+  where generation would edit a reply (a scope such as `last_prompt_token_then_generated` edits every text token,
+  a prompt-only scope only the prompt), an adapter edits that prompt, and the KL is per generated token. Every
+  method predicts the same text tokens.
 - **distinct-n** (`distinct_n`): per reply, distinct word n-grams over all word n-grams (words: whitespace
   split), averaged over replies; a reply without any n-gram counts 0 (it shows no diversity). `pooled=True`
   counts the n-grams of all replies together instead.
@@ -314,8 +317,8 @@ def side_effects(model, tokenizer, method, coefficient=None, texts=None, *, batc
         base_lps = _token_logprobs(_plain_runner(model), base_pieces, pad, device, batch_size, False)
         if _base_cache is not None:
             _base_cache["base"] = base_lps
-    with method.session(model, coefficient) as runner:
-        steered_lps = _token_logprobs(runner, steered_pieces, pad, device, batch_size, False)
+    with method.session(model, coefficient) as runner:  # the text as a continuation of its prompt
+        steered_lps = _token_logprobs(runner, steered_pieces, pad, device, batch_size, True)
     kl = nll = base_nll = 0.0
     count = 0
     for (_, scored), lb, ls in zip(base_pieces, base_lps, steered_lps):
