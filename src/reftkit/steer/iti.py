@@ -9,8 +9,8 @@ positive side is the behaviour to move towards (ITI's true answers) — and fits
 - **Split.** A seeded permutation puts `val_ratio` of the pairs (at least one) in a validation set; both sides
   of a pair stay together, as ITI splits by question.
 - **Probe per head.** An L2-regularised logistic regression per head on the training pairs (positive = 1),
-  fitted for all heads at once in float64 by full-batch L-BFGS from zero (the heads' losses are summed, so each
-  head's fit is its own minimum); inputs are centred on the training mean and divided by their RMS norm.
+  fitted for all heads at once in float64 by damped Newton steps from zero (`fit_probes`: each head's own
+  minimum, to rounding); inputs are centred on the training mean and divided by their RMS norm.
 - **Ranking.** Heads are ranked by validation accuracy, ties broken by the validation log-likelihood, then by
   (layer, head); the top `heads` (K, ITI's default 48, at most the number of heads read) are kept.
 - **Direction.** Per kept head the mass-mean shift θ = mean(positive) − mean(negative) over all pairs, θ̂ = θ/‖θ‖,
@@ -57,36 +57,59 @@ def split_pairs(n: int, val_ratio: float, seed: int) -> tuple[torch.Tensor, torc
     return order[n_val:].sort().values, order[:n_val].sort().values
 
 
+def fit_probes(x: torch.Tensor, y: torch.Tensor, l2: float, steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-regularised logistic regression per head, all heads at once: minimises, for each h,
+    mean_i BCE(x[h, i]·w_h + b_h, y_i) + l2·‖w_h‖² (the bias is not penalised) by damped Newton steps in float64
+    from zero (a step that raises a head's loss is halved, up to 30 times), until every step is below 1e-10 or
+    after `steps` steps. `x [H, n, d]`, `y [n]` -> (w `[H, d]`, b `[H]`)."""
+    H, n, d = x.shape
+    z = torch.cat([x.double(), torch.ones(H, n, 1, dtype=torch.float64)], -1)
+    y = y.double()
+    reg = torch.full((d + 1,), 2.0 * l2, dtype=torch.float64)
+    reg[-1] = 0.0
+    theta = torch.zeros(H, d + 1, dtype=torch.float64)
+
+    def loss(t):
+        logits = torch.einsum("hnd,hd->hn", z, t)
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, y.expand(H, -1), reduction="none").mean(1)
+        return bce + 0.5 * (reg * t * t).sum(-1)
+
+    current = loss(theta)
+    for _ in range(steps):
+        p = torch.sigmoid(torch.einsum("hnd,hd->hn", z, theta))
+        grad = torch.einsum("hnd,hn->hd", z, p - y) / n + reg * theta
+        hess = torch.einsum("hnd,hn,hne->hde", z, p * (1 - p), z) / n + torch.diag(reg)
+        hess = hess + 1e-12 * torch.eye(d + 1, dtype=torch.float64)  # the bias row of a head with no spread
+        step = torch.linalg.solve(hess, grad)
+        scale = torch.ones(H, 1, dtype=torch.float64)
+        for _ in range(30):
+            new = loss(theta - scale * step)
+            worse = new > current
+            if not bool(worse.any()):
+                break
+            scale = torch.where(worse[:, None], scale / 2, scale)
+        theta = theta - scale * step
+        current = loss(theta)
+        if float((scale * step).abs().max()) < 1e-10:
+            break
+    return theta[:, :-1], theta[:, -1]
+
+
 def probe_heads(pos_train: torch.Tensor, neg_train: torch.Tensor, pos_val: torch.Tensor, neg_val: torch.Tensor, *,
                 l2: float = 1e-3, steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per head of `[N, H, d]` activations: a logistic probe on the training rows, scored on the validation rows.
+    """Per head of `[N, H, d]` activations: a logistic probe on the training rows (`fit_probes` on the inputs
+    centred on the training mean and divided by their RMS norm), scored on the validation rows.
     -> (validation accuracy `[H]`, mean validation log-likelihood `[H]`), float64."""
-    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 >= 0 or not math.isfinite(l2):
-        raise ConfigError(f"l2 must be a finite number >= 0, got {l2!r}")
+    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0 or not math.isfinite(l2):
+        raise ConfigError(f"l2 must be a finite number > 0 (it keeps separable heads' probes finite), got {l2!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps must be a positive integer, got {steps!r}")
     x = torch.cat([pos_train, neg_train]).double().transpose(0, 1)  # [H, n, d]
     y = torch.cat([torch.ones(len(pos_train)), torch.zeros(len(neg_train))]).double()
     mean = x.mean(1, keepdim=True)
     rms = (x - mean).pow(2).sum(-1).mean(1).sqrt().clamp(min=_EPS)[:, None, None]
-    z = (x - mean) / rms
-    H, _, d = z.shape
-    w = torch.zeros(H, d, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(H, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-    yy = y.expand(H, -1)
-
-    def closure():
-        opt.zero_grad()
-        logits = torch.einsum("hnd,hd->hn", z, w) + b[:, None]
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, yy, reduction="none").mean(1).sum()
-        loss = loss + l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    w, b = w.detach(), b.detach()
+    w, b = fit_probes((x - mean) / rms, y, l2, steps)
+    H = x.shape[0]
     xv = torch.cat([pos_val, neg_val]).double().transpose(0, 1)
     yv = torch.cat([torch.ones(len(pos_val)), torch.zeros(len(neg_val))]).double()
     logits = torch.einsum("hnd,hd->hn", (xv - mean) / rms, w) + b[:, None]
@@ -175,6 +198,9 @@ def iti(model, tokenizer, pairs, *, heads: int = DEFAULT_HEADS, layers=None, rea
         padding_side: str = "right", progress: bool = False) -> SteeringVector:
     """Read every head at `read` for both sides of `pairs` and fit ITI (see the module docstring)."""
     pairs = make_pairs(pairs=pairs)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ConfigError(f"heads must be a positive integer (how many heads to steer), got {heads!r}")
+    split_pairs(len(pairs), val_ratio, seed)  # too few pairs fail before the forwards
     dims = model_dims(model)
     layer_list = [s.layer for s in read_sites(model, layers=layers)]
     sites = [Site(layer=l, component="attention_value_output") for l in layer_list]
@@ -192,5 +218,5 @@ def iti(model, tokenizer, pairs, *, heads: int = DEFAULT_HEADS, layers=None, rea
                                  read_seconds=acts.seconds)
 
 
-__all__ = ["DEFAULT_HEADS", "from_head_activations", "iti", "mass_mean_shift", "probe_heads", "rank_heads",
+__all__ = ["DEFAULT_HEADS", "fit_probes", "from_head_activations", "iti", "mass_mean_shift", "probe_heads", "rank_heads",
            "split_pairs"]
