@@ -170,3 +170,24 @@ def test_bad_input_is_a_typed_error(tiny_llama):
         mass_mean_shift(torch.ones(3, 2), torch.ones(3, 2))
     with pytest.raises(ConfigError, match="l2"):
         probe_heads(torch.zeros(2, 1, 3), torch.ones(2, 1, 3), torch.zeros(1, 1, 3), torch.ones(1, 1, 3), l2=0.0)
+
+
+def test_a_config_file_extracts_the_same_vector_and_the_example_is_valid(tiny_llama, tmp_path):
+    import json
+    from pathlib import Path
+
+    from reftkit.steer.config import extraction_kwargs, load_steer_config
+    from reftkit.steer.extract import extract
+
+    model, tok = tiny_llama
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"positive": p, "negative": n}) + "\n" for p, n in PAIRS))
+    (tmp_path / "c.yaml").write_text("model: tiny-llama\npairs: pairs.jsonl\nmethod: iti\noptions: {heads: 2}\n"
+                                     "chat: false\n")
+    cfg = load_steer_config(tmp_path / "c.yaml")
+    got = extract(model, tok, cfg["pairs_rows"], **extraction_kwargs(cfg))
+    direct = iti(model, tok, PAIRS, heads=2)
+    assert got.sites == direct.sites and all(torch.equal(got.directions[s], direct.directions[s]) for s in got.sites)
+    with pytest.raises(ConfigError, match="sites"):
+        extract(model, tok, PAIRS, "iti", sites=["L0.block_output"])
+    example = load_steer_config(Path(__file__).parents[2] / "examples" / "steer" / "iti.yaml")
+    assert example["method"] == "iti" and all("prompt" in r for r in example["pairs_rows"])

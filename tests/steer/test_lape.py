@@ -222,3 +222,37 @@ def test_rows_and_dicts_give_the_same_neurons(planted):
     b = lape(model, tok, rows, top_rate=0.02)
     assert a.neurons == b.neurons
     assert_identical(a.probabilities, b.probabilities)
+
+
+def test_a_config_file_extracts_the_same_vector_and_the_example_is_valid(planted, tmp_path):
+    import json
+    from pathlib import Path
+
+    from reftkit.steer.config import extraction_kwargs, load_steer_config
+    from reftkit.steer.extract import extract
+
+    model, tok = planted
+    texts = _texts(n=6)
+    rows = [{"language": lang, "text": t} for lang, values in texts.items() for t in values]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "c.yaml").write_text("model: tiny-llama\ntexts: texts.jsonl\nmethod: lape\nchat: false\n"
+                                     "options: {language: a, edit: replacement, top_rate: 0.02}\n")
+    cfg = load_steer_config(tmp_path / "c.yaml")
+    got = extract(model, tok, cfg["pairs_rows"], **extraction_kwargs(cfg))
+    direct = lape(model, tok, texts, top_rate=0.02).vector("a", "replacement")
+    assert got.sites == direct.sites and got.operator_config == direct.operator_config
+    assert all(torch.equal(got.directions[s], direct.directions[s]) for s in got.sites)
+    for body, error, match in (
+            ("texts: texts.jsonl\nmethod: lape\n", ConfigError, "language"),
+            ("texts: texts.jsonl\nmethod: lape\noptions: {language: zz}\n", DataError, "zz"),
+            ("pairs: texts.jsonl\nmethod: lape\noptions: {language: a}\n", ConfigError, "texts"),
+            ("texts: texts.jsonl\nmethod: mean_diff\n", ConfigError, "pairs")):
+        (tmp_path / "bad.yaml").write_text("model: tiny-llama\n" + body)
+        with pytest.raises(error, match=match):
+            load_steer_config(tmp_path / "bad.yaml")
+    (tmp_path / "one.jsonl").write_text(json.dumps({"language": "a", "text": "x"}) + "\n")
+    (tmp_path / "bad.yaml").write_text("model: tiny-llama\ntexts: one.jsonl\nmethod: lape\noptions: {language: a}\n")
+    with pytest.raises(DataError, match="one.jsonl"):
+        load_steer_config(tmp_path / "bad.yaml")
+    example = load_steer_config(Path(__file__).parents[2] / "examples" / "steer" / "lape.yaml")
+    assert example["method"] == "lape" and {r["language"] for r in example["pairs_rows"]} == {"en", "fr", "de", "es"}

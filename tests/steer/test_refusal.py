@@ -259,3 +259,34 @@ def test_bad_input_is_a_typed_error(tiny_llama):
         refusal_direction(model, tok, HARMFUL[:1], HARMLESS[:1])
     with pytest.raises(ConfigError, match="refusal_direction"):
         refusal_addition(SteeringVector({"L0.block_input": torch.ones(64)}))
+
+
+def test_a_config_file_extracts_the_same_vector_and_the_example_is_valid(tiny_llama, tmp_path):
+    import json
+    from pathlib import Path
+
+    from reftkit.steer.config import extraction_kwargs, load_steer_config
+    from reftkit.steer.extract import extract
+
+    model, tok = tiny_llama
+    rows = [{"positive": a, "negative": b} for a, b in zip(HARMFUL, HARMLESS)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "c.yaml").write_text("model: tiny-llama\npairs: pairs.jsonl\nmethod: refusal\n"
+                                     "options: {positions: 2, val_ratio: 0.34, seed: 1}\n")
+    cfg = load_steer_config(tmp_path / "c.yaml")
+    got = extract(model, tok, cfg["pairs_rows"], **extraction_kwargs(cfg))
+    direct = refusal_direction(model, tok, HARMFUL, HARMLESS, positions=2, val_ratio=0.34, seed=1)
+    assert got.sites == direct.sites and torch.equal(got.directions["L0.block_input"],
+                                                     direct.directions["L0.block_input"])
+    (tmp_path / "bad.yaml").write_text("model: tiny-llama\npairs: pairs.jsonl\nmethod: refusal\nunit: hidden_norm\n")
+    with pytest.raises(ConfigError, match="raw"):
+        load_steer_config(tmp_path / "bad.yaml")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "q", "positive": "a", "negative": "b"}) + "\n")
+    (tmp_path / "bad.yaml").write_text("model: tiny-llama\npairs: p.jsonl\nmethod: refusal\n")
+    with pytest.raises(DataError, match="without a prompt"):
+        load_steer_config(tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text("model: tiny-llama\npairs: pairs.jsonl\nmethod: refusal\noptions: {k: 1}\n")
+    with pytest.raises(ConfigError, match="unknown"):
+        load_steer_config(tmp_path / "bad.yaml")
+    example = load_steer_config(Path(__file__).parents[2] / "examples" / "steer" / "refusal.yaml")
+    assert example["method"] == "refusal" and len(example["pairs_rows"]) == 24
