@@ -16,6 +16,9 @@ _EXPORTS = {
     "scope_positions": "apply",
     "SCOPES": "apply",
     "actadd": "extract",  # `extract` itself: reftkit.steer.extract.extract (the module has the same name)
+    "refusal_direction": "refusal",
+    "refusal_addition": "refusal",
+    "LanguageNeurons": "lape",  # `lape` and `iti` themselves: reftkit.steer.lape.lape, reftkit.steer.iti.iti
 }
 
 
@@ -29,6 +32,10 @@ def __getattr__(name):
         from . import operators as found
     elif module == "apply":
         from . import apply as found
+    elif module == "refusal":
+        from . import refusal as found
+    elif module == "lape":
+        from . import lape as found
     else:
         from . import extract as found
     return getattr(found, name)
