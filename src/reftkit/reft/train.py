@@ -16,6 +16,17 @@
   `train` writes only `output_dir/checkpoint`, other files there are left alone). Whether `output_dir` can be
   written is probed before the first step, so a read-only folder or a full disk fails before any training; a
   checkpoint write that fails keeps the previous checkpoint and raises `OutputError` naming the folder.
+- Several processes (`torchrun --nproc_per_node N`, see `reftkit.reft.distributed` and docs/scaling.md): every
+  rank builds the same global batches and takes its contiguous share of each; the trainable tensors are wrapped
+  in DDP (the frozen base is not: it is neither broadcast nor reduced) with a comm hook that sums gradients, and
+  each loss is divided by the item count of the whole global window, so N processes with global batch G compute
+  the step of one process with batch G. Clipping, the step and the scheduler then run identically on every rank.
+  Rank 0 alone shows progress, logs, evaluates the gathered sums and writes checkpoints (with every rank's RNG
+  state); a resume reads them on rank 0 and broadcasts them, so no other rank needs the run folder.
+- Many adapters in one pass (`streams`, used by `reftkit.reft.concepts`): each adapter has its own data, batches,
+  epochs, step count and learning-rate schedule, and its rows are routed to it; the loss of each adapter is
+  normalised by its own items and gradients are clipped per adapter, so every adapter follows the trajectory it
+  would follow trained alone.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +45,7 @@ from torch.nn import functional as F
 from ..atomic import check_writable, recover_folder, write_folder
 from ..errors import ConfigError, DataError, OutputError
 from ..precision import check_bf16_setting, resolve_bf16
+from . import distributed as dist
 from .data import TASK_FIELDS, Collator, Example
 from .model import ReftModel
 
@@ -121,13 +133,47 @@ def task_loss(reft: ReftModel, batch: dict, task: str, beta: float = 0.1, num_it
     DPO's reference is the same model with its adapters disabled: no second copy of the model exists."""
     if task != "dpo":
         return reft(**batch, num_items_in_batch=num_items).loss
+    losses = dpo_losses(reft, batch, beta)
+    return losses.mean() if num_items is None else losses.sum() / num_items
+
+
+def dpo_losses(reft, batch: dict, beta: float) -> torch.Tensor:
+    """DPO's loss per pair (chosen rows first, then rejected). The reference forward runs without gradients on
+    the unwrapped model (outside DDP)."""
     B = batch["input_ids"].shape[0] // 2
     policy = sequence_logprobs(reft, batch)
-    with torch.no_grad(), reft.disable_adapter():
-        ref = sequence_logprobs(reft, batch)
+    inner = unwrap(reft)
+    with torch.no_grad(), inner.disable_adapter():
+        ref = sequence_logprobs(inner, batch)
     margin = (policy[:B] - ref[:B]) - (policy[B:] - ref[B:])
-    losses = -F.logsigmoid(beta * margin)
-    return losses.mean() if num_items is None else losses.sum() / num_items
+    return -F.logsigmoid(beta * margin)
+
+
+def row_losses(reft, batch: dict, task: str, beta: float = 0.1) -> torch.Tensor:
+    """The summed loss of each example (sft: over its label tokens; dpo: of its pair), for routed batches whose
+    examples are normalised by different item counts."""
+    if task == "dpo":
+        return dpo_losses(reft, batch, beta)
+    if task == "sft":
+        return -sequence_logprobs(reft, batch)
+    raise ConfigError(f"training several adapters in one pass supports the tasks sft and dpo, not {task!r}")
+
+
+def row_items(batch: dict, task: str) -> torch.Tensor:
+    """The items each example contributes to `batch_items` (label tokens, 1 per classification example or pair)."""
+    labels = batch["labels"]
+    if task == "dpo":
+        return torch.ones(labels.shape[0] // 2, dtype=torch.long)
+    if task == "sft":
+        return (labels[:, 1:] != -100).sum(1).cpu()
+    return (labels != -100).long().reshape(labels.shape[0], -1).sum(1).cpu()
+
+
+def unwrap(model):
+    """The `ReftModel` inside a DDP wrapper (or the model itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def _batches(data: list[Example], args: TrainArgs, epoch: int) -> list[list[Example]]:
@@ -157,59 +203,121 @@ def load_raw_state(reft: ReftModel, raw: dict[str, torch.Tensor], where) -> None
             target.copy_(v)
 
 
-def _save_checkpoint(reft, opt, sched, state: dict, directory: Path) -> None:
-    tensors, meta = {}, {"param_groups": opt.state_dict()["param_groups"], "state": {}}
-    for pid, st in opt.state_dict()["state"].items():
-        meta["state"][str(pid)] = {}
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                meta["state"][str(pid)][k] = v
-    meta["scheduler"] = sched.state_dict()
+def _rng_state() -> dict[str, torch.Tensor]:
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    write_folder(directory, {"trainer_state.json": json.dumps(state), "optimizer.json": json.dumps(meta)},
-                 {"optimizer.safetensors": tensors, "model_state.safetensors": raw_state(reft),
-                  "rng_state.safetensors": rng})
+    return rng
+
+
+def _save_checkpoint(reft, opt, sched, state: dict, directory: Path) -> None:
+    """Every rank calls this (the RNG states are gathered); rank 0 writes, and a failed write is raised on every
+    rank."""
+    rng = dist.gather_tensors(_rng_state())
+    reft = unwrap(reft)
+
+    def write():
+        tensors, meta = {}, {"param_groups": opt.state_dict()["param_groups"], "state": {}}
+        for pid, st in opt.state_dict()["state"].items():
+            meta["state"][str(pid)] = {}
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+                else:
+                    meta["state"][str(pid)][k] = v
+        meta["scheduler"] = sched.state_dict()
+        write_folder(directory, {"trainer_state.json": json.dumps(state), "optimizer.json": json.dumps(meta)},
+                     {"optimizer.safetensors": tensors, "model_state.safetensors": raw_state(reft),
+                      "rng_state.safetensors": rng})
+
+    dist.on_main(write)
+
+
+CHECKPOINT_FILES = ("optimizer.json", "optimizer.safetensors", "model_state.safetensors", "rng_state.safetensors",
+                    "trainer_state.json")
+
+
+def _read_checkpoint(directory: Path) -> dict[str, bytes]:
+    """The checkpoint's files, read on rank 0 and broadcast to every rank (no other rank needs the folder)."""
+    files = {}
+
+    def read() -> bool:
+        try:
+            files.update({name: (directory / name).read_bytes() for name in CHECKPOINT_FILES})
+        except OSError as e:
+            raise ConfigError(f"checkpoint {directory} is unreadable ({e}); delete it to start afresh") from e
+        return True
+
+    dist.on_main(read)
+    if dist.world_size() == 1:
+        return files
+    return {name: dist.broadcast_bytes(files.get(name)) for name in CHECKPOINT_FILES}
 
 
 def _load_checkpoint(reft, opt, sched, directory: Path) -> dict:
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
+    files = _read_checkpoint(directory)
     try:
-        meta = json.loads((directory / "optimizer.json").read_text())
-        tensors = load_file(str(directory / "optimizer.safetensors"))
-        raw = load_file(str(directory / "model_state.safetensors"))
-        rng = load_file(str(directory / "rng_state.safetensors"))
-        state = json.loads((directory / "trainer_state.json").read_text())
-    except (OSError, ValueError) as e:
+        meta = json.loads(files["optimizer.json"])
+        tensors = load(files["optimizer.safetensors"])
+        raw = load(files["model_state.safetensors"])
+        rng = load(files["rng_state.safetensors"])
+        state = json.loads(files["trainer_state.json"])
+    except (KeyError, ValueError, SafetensorError) as e:
         raise ConfigError(f"checkpoint {directory} is unreadable ({e}); delete it to start afresh") from e
     opt_state = {int(pid): dict(st) for pid, st in meta["state"].items()}
     for key, v in tensors.items():
         pid, _, k = key.partition(".")
         opt_state[int(pid)][k] = v
-    load_raw_state(reft, raw, directory)
+    load_raw_state(unwrap(reft), raw, directory)
     opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
     sched.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(rng["cpu"])
-    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    _restore_rng(rng, state.get("world_size", 1), reft, directory)
     return state
 
 
-def param_groups(reft: ReftModel, weight_decay: float) -> list[dict]:
+def _restore_rng(rng: dict, saved_world: int, reft, directory: Path) -> None:
+    world, rank = dist.world_size(), dist.rank()
+    if saved_world != world:
+        if uses_dropout(unwrap(reft)):
+            raise ConfigError(
+                f"checkpoint {directory} was written by a run of {saved_world} process(es) and this run has {world}; "
+                f"with dropout each process draws its own random numbers, so only {saved_world} process(es) "
+                f"continue it exactly: resume with `torchrun --nproc_per_node {saved_world}`"
+                + (" (or without torchrun)" if saved_world == 1 else "") + ", or train without dropout")
+        log.info("resuming a checkpoint of %d process(es) on %d: without dropout the random state is unused",
+                 saved_world, world)
+    prefix = f"rank{rank}." if saved_world > 1 else ""
+    if saved_world != world:
+        prefix = "rank0." if saved_world > 1 else ""
+    mine = {k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)}
+    torch.set_rng_state(mine["cpu"])
+    cuda = [mine[k] for k in sorted(mine) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def uses_dropout(reft: ReftModel) -> bool:
+    """Whether training draws random numbers: a dropout module with p > 0 or a base config with dropout > 0."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in reft.modules()):
+        return True
+    config = getattr(reft.model, "config", None)
+    values = vars(config).items() if config is not None else ()
+    return any(("dropout" in k or k.endswith("pdrop")) and isinstance(v, (int, float)) and v > 0 for k, v in values)
+
+
+def param_groups(reft: ReftModel, weight_decay: float, adapter: str | None = None) -> list[dict]:
     """Trainable parameters in two groups: rotations (whose raw parameter must never decay: the Householder
-    map reads its diagonal as signs) and the rest."""
+    map reads its diagonal as signs) and the rest. With `adapter`, only that adapter's parameters."""
     no_decay = set()
     for prefix, mod in reft.named_modules():
         if hasattr(mod, "no_weight_decay"):
             no_decay |= {f"{prefix}.{n}" if prefix else n for n in mod.no_weight_decay()}
     decay, keep = [], []
     for name, p in reft.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and (adapter is None or name.startswith(f"adapters.{adapter}.")):
             (keep if name in no_decay else decay).append(p)
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0})
             if g["params"]]
@@ -249,17 +357,40 @@ def bf16_training_attention(reft: ReftModel, args):
 
 
 def evaluate(reft: ReftModel, data: list[Example], collator: Collator, args: TrainArgs, task: str) -> float:
-    """The loss over `data`, averaged over its items (label tokens, examples or pairs) as in training."""
+    """The loss over `data`, averaged over its items (label tokens, examples or pairs) as in training. Under
+    several processes each rank evaluates every world-th batch and the sums are gathered: every rank returns the
+    loss over the whole of `data`."""
+    reft = unwrap(reft)
     was_training = reft.training
     reft.eval()
     total, n = 0.0, 0
+    rank, world = dist.rank(), dist.world_size()
     with torch.no_grad(), _autocast(reft, args.bf16):
-        for s in range(0, len(data), args.batch_size):
+        for i, s in enumerate(range(0, len(data), args.batch_size)):
+            if i % world != rank:
+                continue
             batch = collator(data[s: s + args.batch_size])
             total += float(task_loss(reft, batch, task, args.dpo_beta, num_items=1))
             n += batch_items(batch, task)
+    total, n = dist.all_sum([total, n]).tolist()
     reft.train(was_training)
     return total / max(n, 1)
+
+
+@dataclass
+class Stream:
+    """The data of one adapter (`name`; None for the active adapter) and the optimizer groups it owns."""
+    name: str | None
+    data: list[Example]
+    groups: list[int] = field(default_factory=list)
+    total_steps: int = 0
+
+
+def _schedule(total: int, warm: int):
+    return lambda s: (s + 1) / max(warm, 1) if s < warm else max(0.0, (total - s) / max(total - warm, 1))
+
+
+RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout from seed + r * stride (rank 0: the one-process stream)
 
 
 def train(reft: ReftModel, data: list[Example], args: TrainArgs, *, task: str = "sft", pad_token_id: int = 0,
@@ -268,59 +399,106 @@ def train(reft: ReftModel, data: list[Example], args: TrainArgs, *, task: str = 
     eval losses, time, examples/s. Each step accumulates `grad_accum` batches, normalised over the items of all
     of them, so it equals one step on a batch `grad_accum` times larger. With `args.output_dir` and
     `args.save_every`, checkpoints go to `output_dir/checkpoint`; `resume=True` continues from there and
-    `overwrite=True` lets a new run replace what an earlier one left in `output_dir`."""
+    `overwrite=True` lets a new run replace what an earlier one left in `output_dir`. Under a launcher
+    (`torchrun --nproc_per_node N`) the processes share each global batch of `batch_size` (see the module
+    docstring)."""
     if not data:
         raise DataError("the training set is empty")
+    return train_streams(reft, [Stream(None, data)], args, task=task, pad_token_id=pad_token_id,
+                         eval_data=eval_data, resume=resume, overwrite=overwrite)
+
+
+def train_streams(reft: ReftModel, streams: list[Stream], args: TrainArgs, *, task: str = "sft",
+                  pad_token_id: int = 0, eval_data: list[Example] | None = None, resume: bool = False,
+                  overwrite: bool = False) -> dict:
+    """`train` over one stream (the active adapter) or several (one adapter each, rows routed by name: see the
+    module docstring). The metrics of several streams add `adapter_losses` (name -> loss of each of its steps)."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    groups = param_groups(reft, args.weight_decay)
-    if not groups:
-        raise ConfigError("nothing to train: the adapter has no trainable parameters (load it with is_trainable=True)")
-    collator = Collator(pad_token_id, task, args.padding_side, device=next(reft.parameters()).device)
-    steps_per_epoch = math.ceil(math.ceil(len(data) / args.batch_size) / args.grad_accum)
-    total_steps = args.max_steps or max(1, int(math.ceil(steps_per_epoch * args.epochs)))
+    routed = len(streams) > 1 or streams[0].name is not None
+    groups, lambdas = [], []
+    for s in streams:
+        if not s.data:
+            raise DataError(f"the training set of adapter {s.name!r} is empty")
+        g = param_groups(reft, args.weight_decay, s.name)
+        if not g:
+            raise ConfigError("nothing to train: the adapter has no trainable parameters (load it with is_trainable=True)"
+                              if s.name is None else f"adapter {s.name!r} has no trainable parameters")
+        steps_per_epoch = math.ceil(math.ceil(len(s.data) / args.batch_size) / args.grad_accum)
+        s.total_steps = args.max_steps or max(1, int(math.ceil(steps_per_epoch * args.epochs)))
+        s.groups = list(range(len(groups), len(groups) + len(g)))
+        groups += g
+        lambdas += [_schedule(s.total_steps, int(args.warmup_ratio * s.total_steps))] * len(g)
+    total_steps = max(s.total_steps for s in streams)
+    device = next(reft.parameters()).device
+    collator = Collator(pad_token_id, task, args.padding_side, device=device)
     opt = torch.optim.AdamW(groups, lr=args.lr)
-    warm = int(args.warmup_ratio * total_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(warm, 1) if s < warm else max(0.0, (total_steps - s) / max(total_steps - warm, 1)))
-    layout = {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "seed": args.seed, "examples_in_data": len(data)}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    layout = {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "seed": args.seed,
+              "examples_in_data": sum(len(s.data) for s in streams)}
+    if routed:
+        layout["adapters"] = {s.name: len(s.data) for s in streams}
+    dist.init(device)
+    world = dist.world_size()
+    if world > 1:
+        dist.check_same(_run_summary(reft, streams, args, task, eval_data, resume, overwrite, layout))
+        dist.check_batch_size(args.batch_size, world)
     ckpt = Path(args.output_dir) / "checkpoint" if args.output_dir else None
     if resume and overwrite:
         raise ConfigError("resume=True continues the run in output_dir and overwrite=True replaces it; pass one")
+    dist.on_main(lambda: _prepare_folder(ckpt, args, resume, overwrite))
+    args = replace(args, bf16=resolve_bf16(args.bf16, device))  # decided once; metrics record what ran
+    model = dist.ddp(reft) if world > 1 else reft
+    # dropout draws from an RNG seeded by args.seed (and restored on resume); the caller's RNG is left alone
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed + RANK_SEED_STRIDE * dist.rank())
+        state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "losses": [], "eval": [], "train_seconds": 0.0,
+                 "examples": 0, "layout": layout}
+        if routed:
+            state.update(streams={s.name: [0, 0] for s in streams}, adapter_losses={s.name: [] for s in streams})
+        if resume:
+            state = _load_checkpoint(reft, opt, sched, ckpt)
+            if state.get("layout") != layout:
+                raise ConfigError(f"checkpoint {ckpt} was written with {state.get('layout')}, but this run has "
+                                  f"{layout}; resume with the same data, batch_size, grad_accum and seed")
+            if dist.is_main():
+                log.info("resumed at step %d", state["step"])
+        state["world_size"] = world
+        bar = None
+        if args.progress and dist.is_main():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", leave=False)
+        try:
+            with bf16_training_attention(reft, args):
+                _loop(model, streams, args, task, collator, opt, sched, state, total_steps, ckpt, eval_data, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+    del model
+    reft.eval()
+    state["examples_per_second"] = state["examples"] / max(state["train_seconds"], 1e-9)
+    state["args"] = asdict(args)
+    return state
+
+
+def _prepare_folder(ckpt, args: TrainArgs, resume: bool, overwrite: bool) -> bool:
     if ckpt is not None and (resume or args.save_every):
         recover_folder(ckpt)  # a kill in the middle of a checkpoint write left it under a temporary name
     if resume and (ckpt is None or not (ckpt / "trainer_state.json").is_file()):
         raise ConfigError(f"nothing to resume: no checkpoint in {ckpt} (checkpoints need save_every > 0)")
     if ckpt is not None and args.save_every:
         check_output_folder(ckpt.parent, resume=resume, overwrite=overwrite)
-    device = next(reft.parameters()).device
-    args = replace(args, bf16=resolve_bf16(args.bf16, device))  # decided once; metrics record what ran
-    # dropout draws from an RNG seeded by args.seed (and restored on resume); the caller's RNG is left alone
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(args.seed)
-        state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "losses": [], "eval": [], "train_seconds": 0.0,
-                 "examples": 0, "layout": layout}
-        if resume:
-            state = _load_checkpoint(reft, opt, sched, ckpt)
-            if state.get("layout") != layout:
-                raise ConfigError(f"checkpoint {ckpt} was written with {state.get('layout')}, but this run has "
-                                  f"{layout}; resume with the same data, batch_size, grad_accum and seed")
-            log.info("resumed at step %d", state["step"])
-        bar = None
-        if args.progress:
-            from tqdm.auto import tqdm
+    return True
 
-            bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", leave=False)
-        try:
-            with bf16_training_attention(reft, args):
-                _loop(reft, data, args, task, collator, opt, sched, state, total_steps, ckpt, eval_data, bar)
-        finally:
-            if bar is not None:
-                bar.close()
-    reft.eval()
-    state["examples_per_second"] = state["examples"] / max(state["train_seconds"], 1e-9)
-    state["args"] = asdict(args)
-    return state
+
+def _run_summary(reft, streams, args, task, eval_data, resume, overwrite, layout) -> dict:
+    """What every rank must agree on before the first collective of training."""
+    return {"task": task, "layout": layout, "resume": resume, "overwrite": overwrite,
+            "train": {k: v for k, v in asdict(args).items() if k not in ("progress",)},
+            "data": {str(s.name): dist.fingerprint(s.data) for s in streams}, "eval_data": dist.fingerprint(eval_data),
+            "adapters": {n: c.to_dict() for n, c in reft.configs.items()},
+            "trainable": [[n, list(p.shape)] for n, p in reft.named_parameters() if p.requires_grad]}
 
 
 def is_empty_folder(folder: Path) -> bool:
@@ -343,44 +521,102 @@ def check_output_folder(folder: "str | Path", *, resume: bool, overwrite: bool,
     return check_writable(folder)
 
 
-def _loop(reft, data, args: TrainArgs, task: str, collator, opt, sched, state: dict, total_steps: int, ckpt,
-          eval_data, bar) -> None:
+def _window(stream: Stream, state: dict, routed: bool, args: TrainArgs, cache: dict) -> list[list[Example]]:
+    """The next `grad_accum` batches of `stream`, advancing its position (epoch, batch) in `state`."""
+    epoch, b = state["streams"][stream.name] if routed else (state["epoch"], state["batch_in_epoch"])
+
+    def batches(e):
+        key = (stream.name, e)
+        if key not in cache:
+            cache.clear() if len(cache) > 64 else None
+            cache[key] = _batches(stream.data, args, e)
+        return cache[key]
+
+    if b >= len(batches(epoch)):
+        epoch, b = epoch + 1, 0
+    window = batches(epoch)[b: b + args.grad_accum]
+    b += args.grad_accum
+    if b >= len(batches(epoch)):
+        epoch, b = epoch + 1, 0
+    if routed:
+        state["streams"][stream.name] = [epoch, b]
+    else:
+        state["epoch"], state["batch_in_epoch"] = epoch, b
+    return window
+
+
+def _loop(model, streams: list[Stream], args: TrainArgs, task: str, collator, opt, sched, state: dict,
+          total_steps: int, ckpt, eval_data, bar) -> None:
+    reft = unwrap(model)
     reft.train()
     t0 = time.perf_counter() - state["train_seconds"]
-    ga = args.grad_accum
+    rank, world = dist.rank(), dist.world_size()
+    routed = len(streams) > 1 or streams[0].name is not None
+    trainable = [p for g in opt.param_groups for p in g["params"]]
+    cache: dict = {}
     while state["step"] < total_steps:
-        batches = _batches(data, args, state["epoch"])
-        for start in range(state["batch_in_epoch"], len(batches), ga):
-            window = [collator(b) for b in batches[start: start + ga]]
-            items = max(sum(batch_items(b, task) for b in window), 1)
-            step_loss = 0.0
-            for batch in window:
+        live = [(k, _window(s, state, routed, args, cache)) for k, s in enumerate(streams)
+                if state["step"] < s.total_steps]
+        micro = [[(k, ex) for k, w in live if j < len(w) for ex in w[j]] for j in range(max(len(w) for _, w in live))]
+        shares = []  # this rank's rows of each micro-batch: (stream indices, collated batch, ghost)
+        counts = torch.zeros(len(streams), dtype=torch.float64)
+        for rows in micro:
+            local = dist.split(rows, rank, world)
+            ghost = not local  # a rank without rows runs one row with weight 0, so DDP's collectives still match
+            local = local or rows[:1]
+            batch = collator([ex for _, ex in local])
+            if routed:
+                batch["adapter_names"] = [streams[k].name for k, _ in local]
+                if not ghost:
+                    counts.index_add_(0, torch.tensor([k for k, _ in local]), row_items(batch, task).double())
+            elif not ghost:
+                counts[0] += batch_items(batch, task)
+            shares.append(([k for k, _ in local], batch, ghost))
+        items = dist.all_sum(counts).clamp(min=1)
+        losses = torch.zeros(len(streams) + 1, dtype=torch.float64)
+        for j, (ks, batch, ghost) in enumerate(shares):
+            sync = world == 1 or j == len(shares) - 1
+            with contextlib.nullcontext() if sync else model.no_sync():
                 with _autocast(reft, args.bf16):
-                    loss = task_loss(reft, batch, task, args.dpo_beta, num_items=items)
+                    if routed:
+                        per_row = row_losses(model, batch, task, args.dpo_beta)
+                        weights = (0.0 if ghost else 1.0) / items[ks].to(per_row.device, per_row.dtype)
+                        loss = (per_row * weights).sum()
+                        losses[1:].index_add_(0, torch.tensor(ks), (per_row * weights).detach().double().cpu())
+                    else:
+                        loss = task_loss(model, batch, task, args.dpo_beta, num_items=int(items[0]))
+                        loss = loss * 0.0 if ghost else loss
+                    if world > 1:  # every trainable tensor takes part in each backward DDP reduces
+                        loss = loss + 0.0 * sum(p.sum() for p in trainable)
                 loss.backward()
-                step_loss += float(loss.detach())
-            if args.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["batch_in_epoch"] = min(start + ga, len(batches))
-            state["examples"] += sum(len(b) for b in batches[start: start + ga])
-            state["losses"].append(step_loss)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}")
-            if eval_data and args.eval_every and state["step"] % args.eval_every == 0:
-                state["eval"].append([state["step"], evaluate(reft, eval_data, collator, args, task)])
-            if ckpt is not None and args.save_every and state["step"] % args.save_every == 0:
-                state["train_seconds"] = time.perf_counter() - t0
-                _save_checkpoint(reft, opt, sched, state, ckpt)
-            if state["step"] >= total_steps:
-                break
-        else:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
+                losses[0] += float(loss.detach())
+        losses = dist.all_sum(losses) if world > 1 else losses
+        active = {k for k, _ in live}
+        for k, s in enumerate(streams):
+            params = [p for i in s.groups for p in opt.param_groups[i]["params"]]
+            if k not in active:  # a finished adapter stays as it is (its zero gradients are dropped)
+                for p in params:
+                    p.grad = None
+            elif args.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["examples"] += sum(len(rows) for rows in micro)
+        step_loss = float(losses[0])
+        state["losses"].append(step_loss)
+        if routed:
+            for k in sorted(active):
+                state["adapter_losses"][streams[k].name].append(float(losses[1 + k]))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+        if eval_data and args.eval_every and state["step"] % args.eval_every == 0:
+            state["eval"].append([state["step"], evaluate(reft, eval_data, collator, args, task)])
+        if ckpt is not None and args.save_every and state["step"] % args.save_every == 0:
+            state["train_seconds"] = time.perf_counter() - t0
+            _save_checkpoint(reft, opt, sched, state, ckpt)
     state["train_seconds"] = time.perf_counter() - t0
     if eval_data and not (state["eval"] and state["eval"][-1][0] == state["step"]):
         state["eval"].append([state["step"], evaluate(reft, eval_data, collator, args, task)])

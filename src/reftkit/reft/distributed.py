@@ -1,0 +1,287 @@
+"""Training on several processes with torch.distributed: joining the process group, rank helpers, the split of a
+global batch across ranks, small collectives that carry JSON and bytes (never pickle), and the launcher checks.
+
+Decisions:
+- The process group is joined when a launcher says there are several processes (`WORLD_SIZE` > 1, as `torchrun`
+  and `accelerate launch` set it). The backend follows the device: NCCL for CUDA, gloo otherwise. The timeout is
+  `REFTKIT_DIST_TIMEOUT` seconds (default 1800), so a collective that a dead or stuck rank never joins fails
+  instead of hanging for torch's default of 30 minutes where the caller asks for less.
+- Every rank holds the whole (tiny) training set and builds the same global batches; rank r takes the r-th of
+  `world` contiguous chunks of each one (`split`), so the rows a step sees do not depend on the world size.
+- Collectives on CPU tensors with gloo; on CUDA tensors of the current device with NCCL (`comm_device`).
+- What only rank 0 does (reading and writing the run folder) goes through `on_main`: the other ranks wait for its
+  result and raise the same typed error when it failed, so a failure on rank 0 never leaves them in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import timedelta
+
+import torch
+
+from .. import errors
+from ..errors import ConfigError, ReftkitError
+
+log = logging.getLogger(__name__)
+TIMEOUT_ENV = "REFTKIT_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started (`WORLD_SIZE`; 1 without a launcher)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE must be an integer, got {os.environ['WORLD_SIZE']!r}") from None
+
+
+def is_initialized() -> bool:
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized()
+
+
+def timeout() -> timedelta:
+    text = os.environ.get(TIMEOUT_ENV)
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ConfigError(f"{TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
+    if not seconds > 0:
+        raise ConfigError(f"{TIMEOUT_ENV} must be positive, got {text!r}")
+    return timedelta(seconds=seconds)
+
+
+def local_device(device: "str | torch.device") -> torch.device:
+    """The device of this rank: `cuda` means `cuda:LOCAL_RANK` under a launcher (one GPU per process)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and launched_world_size() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def init(device: "str | torch.device" = "cpu") -> bool:
+    """Join the process group when launched as several processes; True when this run is distributed.
+    Idempotent: a group the caller initialised is used as it is."""
+    dist = _dist()
+    if is_initialized():
+        return dist.get_world_size() > 1
+    if launched_world_size() <= 1:
+        return False
+    if not dist.is_available():
+        raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
+    device = local_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=timeout())
+    log.info("rank %d of %d joined the %s process group", dist.get_rank(), dist.get_world_size(), backend)
+    return dist.get_world_size() > 1
+
+
+def close() -> None:
+    """Leave the process group this module (or the caller) initialised."""
+    if is_initialized():
+        _dist().destroy_process_group()
+
+
+def rank() -> int:
+    return _dist().get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return _dist().get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def comm_device() -> torch.device:
+    if is_initialized() and _dist().get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def split(rows: list, rank_: int, world: int) -> list:
+    """Rank `rank_`'s share of a global batch: the `rank_`-th of `world` contiguous chunks whose sizes differ by
+    at most one (the first chunks are the larger). A chunk may be empty when the batch has fewer rows than ranks."""
+    base, extra = divmod(len(rows), world)
+    start = rank_ * base + min(rank_, extra)
+    return rows[start: start + base + (1 if rank_ < extra else 0)]
+
+
+def check_batch_size(batch_size: int, world: int) -> None:
+    if batch_size % world:
+        raise ConfigError(f"train.batch_size {batch_size} is not a multiple of the {world} processes: the global "
+                          f"batch is split evenly across them; set batch_size to a multiple of {world} (e.g. "
+                          f"{batch_size + world - batch_size % world}) or start {_divisors(batch_size)} processes")
+
+
+def _divisors(n: int) -> str:
+    ds = [d for d in range(2, n + 1) if n % d == 0]
+    return "1" if not ds else " or ".join(str(d) for d in [1, *ds][:4])
+
+
+# ---- collectives ------------------------------------------------------------------------------------------
+
+def all_sum(values) -> torch.Tensor:
+    """The element-wise sum over ranks of a float64 vector (a number or a list of numbers)."""
+    t = torch.as_tensor(values, dtype=torch.float64).reshape(-1).to(comm_device())
+    if world_size() > 1:
+        _dist().all_reduce(t)
+    return t.cpu()
+
+
+def all_gather_bytes(data: bytes) -> list[bytes]:
+    """Every rank's `data`, in rank order."""
+    world = world_size()
+    if world == 1:
+        return [data]
+    dist, dev = _dist(), comm_device()
+    size = torch.tensor([len(data)], dtype=torch.long, device=dev)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    buf = torch.zeros(max(longest, 1), dtype=torch.uint8, device=dev)
+    if data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
+    bufs = [torch.zeros_like(buf) for _ in range(world)]
+    dist.all_gather(bufs, buf)
+    return [bytes(b[: int(s.item())].cpu().tolist()) for b, s in zip(bufs, sizes)]
+
+
+def broadcast_bytes(data: bytes | None) -> bytes:
+    """Rank 0's `data` on every rank (other ranks pass None)."""
+    if world_size() == 1:
+        return data or b""
+    dist, dev = _dist(), comm_device()
+    size = torch.tensor([len(data) if data is not None else 0], dtype=torch.long, device=dev)
+    dist.broadcast(size, 0)
+    buf = torch.zeros(max(int(size.item()), 1), dtype=torch.uint8, device=dev)
+    if is_main() and data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
+    dist.broadcast(buf, 0)
+    return bytes(buf[: int(size.item())].cpu().tolist())
+
+
+def broadcast_json(value=None):
+    """Rank 0's JSON-serialisable `value` on every rank."""
+    text = json.dumps(value).encode() if is_main() else None
+    return json.loads(broadcast_bytes(text).decode())
+
+
+def on_main(fn):
+    """Run `fn()` on rank 0 only and return its (JSON-serialisable) result on every rank. A `ReftkitError` raised
+    there is raised on every rank, with the same type and message; other exceptions on rank 0 propagate there and
+    end the other ranks with a `ReftkitError` saying so."""
+    if world_size() == 1:
+        return fn()
+    outcome = None
+    if is_main():
+        try:
+            outcome = {"ok": fn()}
+        except ReftkitError as e:
+            outcome = {"error": type(e).__name__, "message": str(e)}
+            broadcast_json(outcome)
+            raise
+        except BaseException as e:
+            broadcast_json({"error": "ReftkitError", "message": f"rank 0 failed: {type(e).__name__}: {e}"})
+            raise
+    outcome = broadcast_json(outcome)
+    if "error" in outcome:  # only the other ranks get here: rank 0 raised above
+        kind = getattr(errors, outcome["error"], ReftkitError)
+        kind = kind if isinstance(kind, type) and issubclass(kind, ReftkitError) else ReftkitError
+        raise kind(outcome["message"])
+    return outcome["ok"]
+
+
+def check_same(summary: dict, what: str = "training run") -> None:
+    """Every rank describes its run with the same JSON `summary`, else a `ConfigError` on every rank names the keys
+    that differ and the ranks that differ from rank 0."""
+    if world_size() == 1:
+        return
+    mine = json.dumps(summary, sort_keys=True, default=str)
+    everyone = [json.loads(b.decode()) for b in all_gather_bytes(mine.encode())]
+    first = everyone[0]
+    diffs = []
+    for r, other in enumerate(everyone[1:], 1):
+        keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        if keys:
+            diffs.append(f"rank {r} differs from rank 0 in {', '.join(keys)} "
+                         f"(rank 0: {_short({k: first.get(k) for k in keys})}, rank {r}: "
+                         f"{_short({k: other.get(k) for k in keys})})")
+    if diffs:
+        raise ConfigError(f"the {len(everyone)} processes were given different {what}s: {'; '.join(diffs)}; start "
+                          "every process with the same recipe, data and options")
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def gather_tensors(mine: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's CPU tensors: `mine` itself in one process, else `rankR.KEY` for each rank R and key."""
+    from safetensors.torch import load, save
+
+    if world_size() == 1:
+        return mine
+    out = {}
+    for r, blob in enumerate(all_gather_bytes(save(mine))):
+        out.update({f"rank{r}.{k}": v for k, v in load(blob).items()})
+    return out
+
+
+def fingerprint(examples) -> str:
+    """A short hash of a list of dataclass examples (to compare the data ranks were given)."""
+    import hashlib
+    from dataclasses import asdict
+
+    text = json.dumps([asdict(e) for e in examples or []], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---- DDP --------------------------------------------------------------------------------------------------
+
+def _sum_gradients(state, bucket):
+    """DDP comm hook: the sum of the ranks' gradients (each loss is already divided by the global item count)."""
+    return _dist().all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def ddp(reft):
+    """DDP over the trainable tensors of a `ReftModel` only: the frozen base is neither broadcast nor reduced, and
+    gradients are summed (not averaged) across ranks."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ignore = [n for n, p in reft.named_parameters() if not p.requires_grad]
+    ignore += [f"model.{n}" for n, _ in reft.model.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(reft, ignore)
+    device = next(p for p in reft.parameters() if p.requires_grad).device
+    model = DDP(reft, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    model.register_comm_hook(None, _sum_gradients)
+    return model
+
+
+# ---- launcher checks --------------------------------------------------------------------------------------
+
+def check_launcher(seen_world_size: int, what: str = "this run") -> None:
+    """Refuse the launcher trap: a launcher started several processes (`WORLD_SIZE` > 1) but each one runs alone
+    (world size 1, or no process group), which would train the same adapter several times without synchronising
+    them. `accelerate launch --multi_gpu --num_processes N` on a machine without GPUs does this unless the run
+    asks for CPU (`TrainingArguments(use_cpu=True)` / `Accelerator(cpu=True)`)."""
+    launched = launched_world_size()
+    if launched > 1 and seen_world_size <= 1:
+        raise ConfigError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}), but {what} sees a world of size "
+            f"{seen_world_size}: each process would train alone, unsynchronised. On a machine without GPUs pass "
+            "TrainingArguments(use_cpu=True) (or Accelerator(cpu=True)) so the processes join one gloo group, or "
+            "launch with `torchrun --nproc_per_node N`; to train in one process, start one")
