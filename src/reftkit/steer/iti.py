@@ -36,7 +36,7 @@ from ..adapters import base_model_record
 from ..errors import ConfigError, DataError
 from ..sites import Site, model_dims
 from .data import make_pairs
-from .extract import read_pairs, read_sites
+from .reading import read_pairs, read_sites
 from .vector import SteeringVector
 
 log = logging.getLogger(__name__)

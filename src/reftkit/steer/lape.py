@@ -46,7 +46,7 @@ from ..chat import prompt_ids
 from ..errors import ConfigError, DataError
 from ..sites import Site, find_blocks, model_dims, resolve_site
 from .data import Sequence
-from .extract import iter_batches
+from .reading import iter_batches
 from .vector import SteeringVector
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from ..errors import ConfigError, DataError
 from ..positions import Positions
 from ..sites import Site, model_dims
 from .data import Sequence, padded_batch
-from .extract import iter_batches, read_sites
+from .reading import iter_batches, read_sites
 from .vector import SteeringVector
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def _read_positions(model, seqs, sites, n_positions: int, pad: int, batch_size: 
 @torch.no_grad()
 def _last_logits(model, seqs, pad: int, batch_size: int, steered=None) -> torch.Tensor:
     """The next-token logits `[N, V]` after each prompt (left-padded, positions from the mask), optionally steered."""
-    from .extract import _accepts_position_ids, _model_device
+    from .reading import _accepts_position_ids, _model_device
 
     device = _model_device(model)
     rows = []
