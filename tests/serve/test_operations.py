@@ -50,8 +50,12 @@ def test_overload_is_shed_fast_and_the_queue_drains(assets):
         assert httpx.get(url + "/health").json() == {"status": "ok", "queue_depth": 0}
 
 
-def test_metrics_are_prometheus_text(server):
-    client(server).chat.completions.create(model="caps", messages=MSG, max_tokens=4, temperature=0)
+def test_metrics_are_prometheus_text_and_requests_are_logged(server, caplog):
+    with caplog.at_level("INFO", logger="reftkit.serve.app.access"):
+        client(server).chat.completions.create(model="caps", messages=MSG, max_tokens=4, temperature=0)
+    entry = json.loads(caplog.records[-1].getMessage())
+    assert (entry["model"], entry["completion_tokens"], entry["finish_reasons"]) == ("caps", 4, ["length"])
+    assert entry["e2e_s"] >= entry["ttft_s"] > 0
     r = httpx.get(server + "/metrics")
     assert r.headers["content-type"].startswith("text/plain")
     lines = r.text.splitlines()

@@ -18,6 +18,8 @@ Decisions:
 - Runtime adapter routes (`GET/POST /v1/adapters`, `DELETE /v1/adapters/{name}`) answer 403 unless the server
   was started with `--allow-adapter-updates`.
 - `/playground` serves `static/playground.html` when that file exists (404 otherwise).
+- **Structured logs**: every finished request logs one JSON object (id, model, steering, token counts, finish
+  reasons, time to first token, latency) on the `reftkit.serve.app.access` logger.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from .row import Row
 from .security import ApiKeyMiddleware, read_body
 
 log = logging.getLogger(__name__)
+access = logging.getLogger(__name__ + ".access")  # one JSON object per finished request
 PLAYGROUND = Path(__file__).parent / "static" / "playground.html"
 
 
@@ -118,8 +121,14 @@ class _Request:
             self.released = True
             self.cancel()
             self.state.registry.release(self.adapter)
-            self.state.metrics.latency(None if self.first_token is None else self.first_token - self.start,
-                                       time.monotonic() - self.start)
+            ttft = None if self.first_token is None else self.first_token - self.start
+            e2e = time.monotonic() - self.start
+            self.state.metrics.latency(ttft, e2e)
+            access.info(json.dumps({"id": self.id, "kind": self.req.kind, "model": self.req.model,
+                                    "steer": self.req.steer, "n": self.req.n, "stream": self.req.stream,
+                                    "prompt_tokens": self.prompt_tokens, "completion_tokens": sum(self.tokens),
+                                    "finish_reasons": self.reasons, "ttft_s": None if ttft is None else round(ttft, 4),
+                                    "e2e_s": round(e2e, 4)}))
 
     def apply(self, event):
         """Record one event -> ("text", index, delta) | ("done", index, reason) | ("error", ApiError)."""
@@ -313,14 +322,14 @@ def create_app(state: ServeState) -> FastAPI:
 
     @app.get("/v1/adapters")
     async def adapters():
-        state.registry._require_updates()
+        state.registry.require_updates()
         reg = state.registry
         return JSONResponse({"object": "list", "data": [
             {**reg.describe(n), "runtime": a["runtime"], "in_use": reg.in_use(n)} for n, a in list(reg.adapters.items())]})
 
     @app.post("/v1/adapters")
     async def load_adapter(request: Request):
-        state.registry._require_updates()
+        state.registry.require_updates()
         body = parse_json(await read_body(request, state.config.max_body_bytes))
         extra = set(body) - {"name", "path"}
         if extra:

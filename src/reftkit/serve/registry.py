@@ -126,7 +126,7 @@ class Registry:
             return self._refs.get(adapter, 0)
 
     # ---- runtime updates ------------------------------------------------------------------------------------
-    def _require_updates(self) -> None:
+    def require_updates(self) -> None:
         if not self.allow_updates:
             raise ApiError(403, "runtime adapter updates are disabled; start the server with "
                                 "--allow-adapter-updates --adapter-dir DIR", type="permission_error",
@@ -145,7 +145,7 @@ class Registry:
         return target
 
     def load(self, name, rel) -> dict:
-        self._require_updates()
+        self.require_updates()
         self._check_name(name, "adapter")
         folder = self._inside(rel)
         from ..adapters import read_adapter
@@ -160,7 +160,7 @@ class Registry:
         return self.describe(name)
 
     def unload(self, name: str) -> None:
-        self._require_updates()
+        self.require_updates()
         with self._lock:
             if name not in self.adapters:
                 raise ApiError(404, f"no adapter named {name!r}", param="name", code="model_not_found")
