@@ -150,7 +150,11 @@ def test_both_panes_stream_together_and_match_the_api(served, browser):
     choose(browser, right_model="caps", vector="happy", coefficient=-1.5, max_tokens=12)
     batches, rows = metric(url, "reftkit_batches_total"), metric(url, "reftkit_batch_size_rows_sum")
     browser.execute_script(WATCH)
-    left, right = send_and_wait(browser)
+    hook = slow_down(app, 0.02)  # steps at least 20 ms apart, so a busy browser still sees them one by one
+    try:
+        left, right = send_and_wait(browser)
+    finally:
+        hook.remove()
     assert left["state"] == right["state"] == "done" and not left["error"] and not right["error"]
     # one batch of two rows: the page's two requests were served together
     assert (metric(url, "reftkit_batches_total") - batches, metric(url, "reftkit_batch_size_rows_sum") - rows) == (1, 2)
