@@ -57,8 +57,8 @@ COMMANDS: dict[str, Command] = {
                         "`adapters list DIR`)", loads_models=False),
     "serve": Command(add_serve_arguments, run_serve, "an OpenAI-compatible server for a model with adapters and "
                      "steering vectors"),
-    "steer": Command(add_steer_arguments, run_steer, "steering vectors (`steer extract CONFIG`, `steer inspect DIR`)",
-                     loads_models=False),
+    "steer": Command(add_steer_arguments, run_steer, "steering vectors (`steer extract CONFIG`, `steer eval CONFIG`, "
+                     "`steer inspect DIR`)", loads_models=False),
 }
 
 
