@@ -27,8 +27,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="strength of each --steer vector that gives no DIR:C of its own, in the vector's unit "
                              "(default: 1.0)")
     parser.add_argument("--scope", metavar="S",
-                        help="tokens the --steer vectors edit: all, prompt, generated, last_prompt_token_then_generated "
-                             "or a positions string such as 'l1@all' (default: each vector's own scope)")
+                        help="tokens the --steer vectors edit: all, prompt, generated, "
+                             "last_prompt_token_then_generated or a positions string such as 'l1@all' (default: each vector's own scope)")
     parser.add_argument("--unit", choices=("raw", "mean_diff_norm", "hidden_norm"),
                         help="unit of the coefficients: raw, mean_diff_norm or hidden_norm (default: each vector's "
                              "unit)")

@@ -17,7 +17,7 @@ from .metrics import (behaviour_rate, content_retention, distinct_n, harmonic_me
                       side_effects, steerability)
 from .sweep import COLLAPSE_DISTINCT2, FLUENCY, layer_sweep, plot_sweep, split_half, sweep
 
-__all__ = ["AdapterMethod", "BaseMethod", "COLLAPSE_DISTINCT2", "ConditionalMethod", "FLUENCY", "Method", "PromptMethod", "Runner",
-           "VectorMethod", "behaviour_rate", "content_retention", "distinct_n", "harmonic_mean", "layer_sweep",
+__all__ = ["AdapterMethod", "BaseMethod", "COLLAPSE_DISTINCT2", "ConditionalMethod", "FLUENCY", "Method",
+           "PromptMethod", "Runner", "VectorMethod", "behaviour_rate", "content_retention", "distinct_n", "harmonic_mean", "layer_sweep",
            "likelihood", "overall_score", "plot_sweep", "replies", "side_effects", "split_half", "steerability",
            "sweep"]
