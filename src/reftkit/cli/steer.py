@@ -77,13 +77,10 @@ def _print_table(header: tuple, rows: list[tuple]) -> None:
 def _run_steer_extract(args: argparse.Namespace) -> int:
     from reftkit.steer.config import check_output, extraction_kwargs, load_steer_config
 
-    cfg = load_steer_config(args.config)
-    from reftkit.models import resolve_device, resolve_dtype
+    from reftkit.cli.steer_eval import device_options
 
-    for key, resolve, fallback in (("device", resolve_device, "auto"), ("dtype", resolve_dtype, "float32")):
-        value = getattr(args, key) if getattr(args, key) is not None else cfg.get(key) or fallback
-        resolve(value)  # a bad name fails before the model loads
-        setattr(args, key, value)
+    cfg = load_steer_config(args.config)
+    device_options(args, cfg)
     check_output(cfg["output"], args.overwrite)
     model, tokenizer = load_for_cli(cfg["model"], args)
     status(f"extracting a {cfg['method']} vector from {len(cfg['pairs_rows'])} pair(s) of {cfg['pairs']}")

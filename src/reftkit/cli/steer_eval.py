@@ -80,17 +80,24 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
 
 
-def run_steer_eval(args: argparse.Namespace) -> int:
+def device_options(args: argparse.Namespace, cfg: dict) -> None:
+    """`--device`/`--dtype`, else the config's `device`/`dtype`, else auto/float32, into `args`; a bad name fails
+    here, before the model loads."""
     from reftkit.models import resolve_device, resolve_dtype
+
+    for key, resolve, fallback in (("device", resolve_device, "auto"), ("dtype", resolve_dtype, "float32")):
+        value = getattr(args, key) if getattr(args, key) is not None else cfg.get(key) or fallback
+        resolve(value)
+        setattr(args, key, value)
+
+
+def run_steer_eval(args: argparse.Namespace) -> int:
     from reftkit.steer.eval_config import check_output, load_eval_config, write_report
 
     cfg = load_eval_config(args.config)
     if args.output:
         cfg["output"] = args.output
-    for key, resolve, fallback in (("device", resolve_device, "auto"), ("dtype", resolve_dtype, "float32")):
-        value = getattr(args, key) if getattr(args, key) is not None else cfg.get(key) or fallback
-        resolve(value)  # a bad name fails before the model loads
-        setattr(args, key, value)
+    device_options(args, cfg)
     check_output(cfg["output"], args.overwrite)
     model, tokenizer = load_for_cli(cfg["model"], args)
     from reftkit.steer.compare import compare
