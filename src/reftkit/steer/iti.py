@@ -184,6 +184,10 @@ def from_head_activations(positive: dict, negative: dict, *, heads: int = DEFAUL
                                            "steps": steps},
               "read": read, "layers": layers, "counts": {"positive": N, "negative": N, "train": len(train),
                                                         "val": len(val)},
+              "sites": {h["site"]: {"norm": h["sigma"], "hidden_norm": h["hidden_norm"],
+                                    "relative_norm": h["sigma"] / max(h["hidden_norm"], _EPS),
+                                    "mean_diff_norm": h["mean_diff_norm"], "val_accuracy": h["val_accuracy"]}
+                        for h in kept},
               "heads": kept, "val_accuracy": {str(l): [float(a) for a in table[i]] for i, l in enumerate(layers)},
               "suggested_coefficient": 15.0, "direction_kind": "sigma_scaled_unit", "warnings": warnings,
               "timing": {"read_s": read_seconds, "fit_s": time.perf_counter() - start}}

@@ -346,6 +346,8 @@ def refusal_direction(model, tokenizer, harmful, harmless, *, val_harmful=None, 
     report = {"method": "refusal", "options": options, "counts": counts, "read": f"l{n_pos}",
               "post_instruction_tokens": suffix, "layers": [s.layer for s in sites],
               "selected": {**best, "passed_filters": passed},
+              "sites": {site_name: {"norm": best["norm"], "relative_norm": best["relative_norm"],
+                                    "hidden_norm": float(hidden[site_name][best["position"] + n_pos])}},
               "base": {"harmful_refusal_score": base_harmful, "harmless_refusal_score": base_harmless},
               "candidates": candidates, "direction_kind": "raw", "warnings": warnings,
               "timing": {"read_s": read_s, "fit_s": time.perf_counter() - start - read_s}}
