@@ -162,3 +162,36 @@ def test_bad_data_files_fail_before_the_model_loads(tmp_path, capsys, no_model_l
     config.write_text(json.dumps(cfg))
     code, _, err = run(capsys, "steer", "eval", str(config))
     assert code == 2 and "kl_budget needs data.neutral" in err
+
+
+def test_the_example_configs_are_valid(tmp_path):
+    """examples/steer/eval_caps.yaml (with stand-ins for the vector and adapter it evaluates, which the example's
+    own commands make), caps_vector.yaml and caps_own.yaml load and check."""
+    import shutil
+
+    from reftkit.reft.config import ReftConfig
+    from reftkit.reft.model import ReftModel
+    from reftkit.reft.recipe import load_recipe
+    from reftkit.steer.config import load_steer_config
+    from reftkit.steer.eval_config import load_eval_config
+
+    example = ROOT / "examples" / "steer"
+    vector_cfg = load_steer_config(example / "caps_vector.yaml")
+    assert vector_cfg["layers"] == [3, 6, 9] and vector_cfg["read"] == "completion_mean"
+    assert len(vector_cfg["pairs_rows"]) >= 20
+    recipe = load_recipe(example / "caps_own.yaml")
+    assert recipe["reft"]["rank"] == 4 and recipe["behaviour"] == "all_caps"
+    shutil.copy(example / "eval_caps.yaml", tmp_path / "eval_caps.yaml")
+    shutil.copytree(example / "data", tmp_path / "data")
+    SteeringVector({f"L{i}.block_output": torch.ones(576) for i in (3, 6, 9)}).save(tmp_path / "runs" / "caps_vector")
+    from reftkit.models import load_model
+
+    model, _ = load_model("tiny-llama")
+    reft = ReftModel(model, ReftConfig(rank=1, layers=[1], positions="f1+l1"))
+    reft.save_pretrained(tmp_path / "runs" / "caps_own" / "adapter")
+    reft.unload()
+    cfg = load_eval_config(tmp_path / "eval_caps.yaml")
+    assert [m["kind"] for m in cfg["methods"]] == ["base", "prompt", "vector", "vector", "adapter"]
+    assert cfg["methods"][3]["sites"] == ["L3.block_output", "L6.block_output", "L9.block_output"]
+    assert len(cfg["data_rows"]["prompts"]) == 16 and len(cfg["data_rows"]["facts"]) == 16
+    assert cfg["output"] == str(tmp_path / "runs" / "eval_caps") and cfg["kl_budget"] == 2.0
