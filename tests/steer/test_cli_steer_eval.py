@@ -195,3 +195,21 @@ def test_the_example_configs_are_valid(tmp_path):
     assert cfg["methods"][3]["sites"] == ["L3.block_output", "L6.block_output", "L9.block_output"]
     assert len(cfg["data_rows"]["prompts"]) == 16 and len(cfg["data_rows"]["facts"]) == 16
     assert cfg["output"] == str(tmp_path / "runs" / "eval_caps") and cfg["kl_budget"] == 2.0
+
+
+def test_the_report_folder_is_written_whole_with_the_usual_modes(tmp_path):
+    import os
+    import stat
+
+    from reftkit.steer.eval_config import write_report
+
+    old = os.umask(0o027)
+    try:
+        folder = write_report({"table": []}, tmp_path / "out", {})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    assert json.loads((folder / "report.json").read_text()) == {"table": []}
+    with pytest.raises(ValueError):  # NaN is not JSON: nothing is left behind
+        write_report({"x": float("nan")}, tmp_path / "bad", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -2,7 +2,8 @@
 steering vector, ReFT adapter, prompting baseline and the base model, as one report with a summary table.
 
 Each entry is `{"name", "method": Method, "coefficients": grid or None}`, and for a layers × strengths sweep
-`{"name", "vector": SteeringVector, "sites": [...], "coefficients", "scope", "unit"}`. Every entry is evaluated with
+`{"name", "vector": SteeringVector, "sites": [...], "coefficients", "scope", "unit"}` (a layer sweep scores no
+likelihood pairs). Every entry is evaluated with
 `sweep.sweep` (or `sweep.layer_sweep`) under the same options; base replies and base log-probabilities on the
 neutral texts are computed once for all entries. `table` gives one row per entry from its test half: the chosen
 coefficient (and site), behaviour rate, content retention, fluency, KL and NLL on neutral text, distinct-2, the

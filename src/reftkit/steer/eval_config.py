@@ -54,6 +54,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -351,7 +352,9 @@ def write_report(report: dict, folder: "str | Path", plots: dict) -> Path:
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False))
         for name, sweep_report in plots.items():
             plot_sweep(sweep_report, staging / name)
-        staging.chmod(0o755)
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes a private folder; give it a plain mkdir's mode
     except BaseException:
         import shutil
 

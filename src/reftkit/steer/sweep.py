@@ -152,7 +152,11 @@ def _choose(points: list[dict], kl_budget: float | None) -> tuple[int, bool]:
         p["within_budget"] = None if kl_budget is None else (kl is not None and kl <= kl_budget)
     eligible = [j for j, p in enumerate(points) if kl_budget is None or p["within_budget"]]
     if not eligible:
-        best = min(range(len(points)), key=lambda j: (points[j]["metrics"].get("kl") or math.inf, j))
+        def kl(j):
+            value = points[j]["metrics"].get("kl")
+            return math.inf if value is None else value
+
+        best = min(range(len(points)), key=lambda j: (kl(j), j))
         return best, False
     return max(eligible, key=lambda j: (points[j]["score"], -abs(points[j]["coefficient"] or 0.0), -j)), True
 
