@@ -189,8 +189,8 @@ def test_edits_set_the_neurons_as_the_formulas_say(planted, tmp_path, edit):
     assert_identical(steered[0], base[0])
     expected = base[1].clone()
     col = expected[..., 5].double()
-    new = {"deactivate": torch.full_like(col, -2.0), "additive": col + 2 * mu[0], "replacement": 2 * mu[0].expand_as(col),
-           "diffmean": col + 2 * (mu[0] - mu[1])}[edit]
+    new = {"deactivate": torch.full_like(col, -2.0), "additive": col + 2 * mu[0],
+           "replacement": 2 * mu[0].expand_as(col), "diffmean": col + 2 * (mu[0] - mu[1])}[edit]
     expected[..., 5] = new.float()
     assert_close(steered[1], expected)
 

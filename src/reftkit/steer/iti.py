@@ -13,8 +13,9 @@ positive side is the behaviour to move towards (ITI's true answers) — and fits
   minimum, to rounding); inputs are centred on the training mean and divided by their RMS norm.
 - **Ranking.** Heads are ranked by validation accuracy, ties broken by the validation log-likelihood, then by
   (layer, head); the top `heads` (K, ITI's default 48, at most the number of heads read) are kept.
-- **Direction.** Per kept head the mass-mean shift θ = mean(positive) − mean(negative) over all pairs, θ̂ = θ/‖θ‖,
-  and σ = the standard deviation (population, as numpy's) of the projections x·θ̂ of all activations, both sides.
+- **Direction.** Per kept head the mass-mean shift θ = mean(positive) − mean(negative) over all pairs,
+  θ̂ = θ/‖θ‖, and σ = the standard deviation (population, as numpy's) of the projections x·θ̂ of all
+  activations, both sides.
   The stored direction is σ·θ̂, so a raw coefficient α adds α·σ·θ̂ (ITI's edit; the paper uses α = 15).
 
 The result is a `SteeringVector` (method `iti`, operator `add`, unit `raw`) with one `[d_head]` direction per
@@ -222,5 +223,6 @@ def iti(model, tokenizer, pairs, *, heads: int = DEFAULT_HEADS, layers=None, rea
                                  read_seconds=acts.seconds)
 
 
-__all__ = ["DEFAULT_HEADS", "fit_probes", "from_head_activations", "iti", "mass_mean_shift", "probe_heads", "rank_heads",
+__all__ = ["DEFAULT_HEADS", "fit_probes", "from_head_activations", "iti", "mass_mean_shift", "probe_heads",
+           "rank_heads",
            "split_pairs"]

@@ -8,17 +8,17 @@ means). Each candidate is scored on held-out prompts (`val_harmful` / `val_harml
 `val_ratio` split of the given ones), at the last prompt position, i.e. the distribution of the first generated
 token:
 
-- the **refusal score** of a prompt is the log-odds `log p(R) − log(1 − p(R))` of the refusal-start token set R
+- the **refusal score** of a prompt is the log-odds `log p(R) − log(1 − p(R))` of the refusal-start tokens R
   (`refusal_token_ids`: the first token of each phrase in `REFUSAL_STARTS`, or of the phrases given);
-- `bypass`: the mean refusal score on harmful prompts with r̂ ablated (`h − r̂r̂ᵀh`) at every layer's block input,
-  attention output and MLP output, every position (what the paper ablates);
+- `bypass`: the mean refusal score on harmful prompts with r̂ ablated (`h − r̂r̂ᵀh`) at every layer's block
+  input, attention output and MLP output, every position (what the paper ablates);
 - `induce`: the mean refusal score on harmless prompts with `+r` (un-normalised) added at `L{l}.block_input`;
 - `kl`: the mean KL(base ‖ ablated) of the last-position next-token distribution on harmless prompts.
 
-Candidates at layers `l ≥ int((1 − prune_layer_fraction)·L)` are not scored (the paper's default keeps the first 80%
-of layers), nor are zero ones (at layer 0 the template's tokens are the same embeddings); of the rest, those with `kl > kl_threshold` (0.1) or `induce < induce_threshold` (0) are filtered
-out, and the lowest `bypass` wins. When none passes, the lowest bypass of all scored candidates is taken and a
-warning says so.
+Candidates at layers `l ≥ int((1 − prune_layer_fraction)·L)` are not scored (the paper's default keeps the first
+80% of layers), nor are zero ones (at layer 0 the template's tokens are the same embeddings); of the rest, those
+with `kl > kl_threshold` (0.1) or `induce < induce_threshold` (0) are filtered out, and the lowest `bypass` wins.
+When none passes, the lowest bypass of all scored candidates is taken and a warning says so.
 
 The result is a `SteeringVector` (method `refusal`, unit `raw`, scope every token) whose direction at each site
 is the raw r of the winner: `operator="ablate"` puts it at `L{k}.block_input`, `L{k}.attention_output` and
