@@ -101,8 +101,11 @@ def _reference_selection(p, top_rate, filter_rate, bar_ratio):
 def test_activation_site_is_the_activation_function_output_of_gated_mlps(planted, tiny_model):
     model, _ = planted
     assert activation_site(model, 2) == "module:model.layers.2.mlp.act_fn:output"
-    gpt2, _ = tiny_model("gpt2")
+    gpt2, tok = tiny_model("gpt2")
     assert activation_site(gpt2, 1) == "L1.mlp_activation"  # c_proj's input is the activation's output there
+    neurons = lape(gpt2, tok, _texts(n=3), top_rate=0.05)
+    assert neurons.sites == [f"L{l}.mlp_activation" for l in range(4)]
+    assert neurons.probabilities.shape == (4, 128, 2)
 
 
 def test_statistics_equal_hooks_on_the_activation_function(planted):
