@@ -157,19 +157,16 @@ def _check_values(cfg: dict) -> None:
             raise ConfigError(f"{key} must be a string such as 'cuda' or 'bf16', got {cfg[key]!r}")
 
 
-def read_pairs_file(path: "str | Path") -> list[dict]:
-    """The rows of a JSONL pairs file, each checked: a JSON object with string `positive` and `negative` (and
-    optionally `prompt`). Blank lines are skipped. A bad row is a `DataError` naming the file and line."""
-    path = Path(path)
+def _json_lines(path: Path, what: str):
+    """`(line number, line, parsed JSON)` for every non-blank line of a UTF-8 JSONL file."""
     if not path.is_file():
-        raise DataError(f"pairs file {path} does not exist")
+        raise DataError(f"{what} file {path} does not exist")
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: byte {e.start} is not UTF-8 ({e.reason})") from None
     except OSError as e:
-        raise DataError(f"cannot read pairs file {path}: {e}") from None
-    rows = []
+        raise DataError(f"cannot read {what} file {path}: {e}") from None
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -177,6 +174,15 @@ def read_pairs_file(path: "str | Path") -> list[dict]:
             row = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as e:
             raise DataError(f"{path}, line {number}: not a JSON object ({e})") from None
+        yield number, line, row
+
+
+def read_pairs_file(path: "str | Path") -> list[dict]:
+    """The rows of a JSONL pairs file, each checked: a JSON object with string `positive` and `negative` (and
+    optionally `prompt`). Blank lines are skipped. A bad row is a `DataError` naming the file and line."""
+    path = Path(path)
+    rows = []
+    for number, line, row in _json_lines(path, "pairs"):
         if not isinstance(row, dict):
             raise DataError(f"{path}, line {number}: expected an object {{\"positive\", \"negative\"}} or "
                             f"{{\"prompt\", \"positive\", \"negative\"}}, got {type(row).__name__}")
@@ -203,22 +209,8 @@ def read_texts_file(path: "str | Path") -> list[dict]:
     """The rows of a JSONL texts file for `lape`: JSON objects {"language", "text"} with non-empty strings, at least
     two languages. A bad row is a `DataError` naming the file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"texts file {path} does not exist")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: byte {e.start} is not UTF-8 ({e.reason})") from None
-    except OSError as e:
-        raise DataError(f"cannot read texts file {path}: {e}") from None
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise DataError(f"{path}, line {number}: not a JSON object ({e})") from None
+    for number, line, row in _json_lines(path, "texts"):
         if not isinstance(row, dict) or set(row) != {"language", "text"} \
                 or not all(isinstance(v, str) and v.strip() for v in row.values()):
             raise DataError(f"{path}, line {number}: expected {{\"language\": ..., \"text\": ...}} with non-empty "
