@@ -3,7 +3,8 @@
 `extract(model, tokenizer, pairs, method=...)` reads every requested site for every pair (`read_pairs`) and
 fits a direction per site (`from_activations`); `from_activations` takes precomputed `[N, d]` activations, so the
 arithmetic can be used (and tested) without a model. `actadd` builds ActAdd's positional `[T, d]` vector from one
-prompt pair.
+prompt pair. `method="refusal" | "iti" | "lape"` goes to `refusal.py`, `iti.py` and `lape.py` (`extract_family`),
+which read through the same machinery but select positions, heads or neurons of their own.
 
 Reading (`reading.py`): one forward per batch for all sites, positions from the attention mask; see there.
 
