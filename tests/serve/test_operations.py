@@ -196,3 +196,19 @@ def test_async_requests_during_an_update(assets, adapter_root):
 
         loaded, replies = asyncio.run(main())
         assert loaded.status_code == 201 and len(replies) == 6
+
+
+def test_request_timeout_cancels_the_request(assets):
+    app = make_app(assets, max_wait_ms=5, request_timeout_s=0.3)
+    slow_down(app, 0.05)
+    with running(app) as url:
+        body = {"model": BASE, "messages": MSG, "max_tokens": 60, "temperature": 0}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30) as s:
+            events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
+        deadline = time.monotonic() + 10
+        while metric(url, "reftkit_running_rows") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric(url, "reftkit_running_rows") == 0  # the timed-out rows were dropped, not run to the end
