@@ -263,3 +263,26 @@ def test_span_from_the_first_generated_token_generates(refs):
     p, end = meta["test_prompts"][0], meta["instruction_end"][0]
     with _caa_steered(refs, [end + 1]) as steered:
         steered.generate(**_one(tok, p), max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+def test_todays_exports_are_the_files_the_references_read(refs, tmp_path):
+    """The reference outputs were computed on reftkit's exports when the fixtures were made; today's code exports
+    the same entries (so the lm-eval and repeng results speak for it)."""
+    import shutil
+
+    shutil.copy(FIXTURES / "tokenizer.json", tmp_path / "tokenizer.json")
+    refs["tool"].reftkit_exports(tmp_path)
+    for action in ("add", "clamp"):
+        old = torch.load(FIXTURES / f"reftkit_{action}.pt", weights_only=True)
+        new = torch.load(tmp_path / f"reftkit_{action}.pt", weights_only=True)
+        assert list(new) == list(old)
+        for hook, entry in old.items():
+            assert {k: v for k, v in new[hook].items() if not isinstance(v, torch.Tensor)} \
+                == {k: v for k, v in entry.items() if not isinstance(v, torch.Tensor)}
+            for key in ("steering_vector", "bias"):
+                if entry[key] is not None:
+                    assert_close(new[hook][key], entry[key], msg=f"{action} {hook} {key}")
+    old, new = import_gguf(FIXTURES / "reftkit_pca.gguf"), import_gguf(tmp_path / "reftkit_pca.gguf")
+    assert new.sites == old.sites
+    for s in old.sites:
+        assert_close(new.directions[s], old.directions[s], scale=1.0)
