@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from reftkit.cli.common import BASE_MODEL_HELP, DEFAULT_MODEL, add_device_arguments, load_for_cli, positive_int, status
+from reftkit.cli.common import (
+    BASE_MODEL_HELP, DEFAULT_MODEL, add_device_arguments, check_adapter_for_cli, load_for_cli, positive_int, status,
+)
 from reftkit.errors import ConfigError, MissingDependencyError
 
 
@@ -69,11 +71,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from reftkit.adapters import read_adapter
     from reftkit.serve.config import ServerConfig
 
-    for name, folder in args.adapter:
-        read_adapter(folder)  # a missing or broken folder fails before the model loads
+    model_name = args.model
+    for name, folder in args.adapter:  # a missing or broken folder, or one for another model, fails before loading
+        model_name = check_adapter_for_cli(folder, model_name)
     for name, folder in args.steer:
         if not os.path.isfile(os.path.join(folder, "vector_config.json")):
             raise ConfigError(f"--steer {name}={folder}: no vector_config.json there; pass a folder written by "
@@ -83,7 +85,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--adapter and --steer names must be distinct, got {names}")
     if args.adapter_dir and not os.path.isdir(args.adapter_dir):
         raise ConfigError(f"--adapter-dir {args.adapter_dir}: no such folder")
-    model_name = args.model or DEFAULT_MODEL
+    model_name = model_name or DEFAULT_MODEL
     keys = list(args.api_key) + ([os.environ["REFTKIT_API_KEY"]] if os.environ.get("REFTKIT_API_KEY") else [])
     config = ServerConfig(model_name=args.served_model_name or model_name, max_batch_size=args.max_batch_size,
                           max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_distinct=args.max_distinct,
