@@ -35,14 +35,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help=BASE_MODEL_HELP)
     parser.add_argument("--served-model-name", metavar="NAME",
                         help="the name clients send as `model` for the base model (default: the --model value)")
-    parser.add_argument("--adapter", action="append", type=_named_folder, default=[], metavar="NAME=DIR",
+    parser.add_argument("--adapter", action="append", type=_named_folder, metavar="NAME=DIR",
                         help="a ReFT adapter folder served as model NAME; repeat for more")
-    parser.add_argument("--steer", action="append", type=_named_folder, default=[], metavar="NAME=DIR",
+    parser.add_argument("--steer", action="append", type=_named_folder, metavar="NAME=DIR",
                         help="a steering-vector folder clients select with extra_body={'reftkit': {'steer': "
                              "[{'name': NAME, 'coefficient': C}]}}; repeat for more")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: loopback)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
-    parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
+    parser.add_argument("--api-key", action="append", metavar="KEY",
                         help="require 'Authorization: Bearer KEY' (repeatable; also $REFTKIT_API_KEY); "
                              "/health stays open (default: no key)")
     parser.add_argument("--max-batch-size", type=positive_int, default=8, metavar="N",
@@ -73,6 +73,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from reftkit.serve.config import ServerConfig
 
+    args.adapter, args.steer, args.api_key = args.adapter or [], args.steer or [], args.api_key or []
     model_name = args.model
     for name, folder in args.adapter:  # a missing or broken folder, or one for another model, fails before loading
         model_name = check_adapter_for_cli(folder, model_name)
