@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from reftkit.cli.common import emit_json, status
 
@@ -89,17 +90,32 @@ def run_train(args: argparse.Namespace) -> int:
 
     from reftkit.reft.recipe import check_device_options, load_recipe, run_recipe
 
+    from reftkit.reft import distributed
+    from reftkit.reft.concepts import has_adapter_column, run_concept_recipe
+    from reftkit.reft.data import read_rows
+
     cfg = load_recipe(args.config)
     for key in ("device", "dtype"):  # the command line wins over the recipe
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     check_device_options(cfg)
-    status(f"training {cfg.get('reft', {}).get('method', 'loreft')} on {cfg['model']} -> {cfg['output_dir']}")
+    # one adapter per name of the data's `adapter` column, trained in one pass (reftkit.reft.concepts)
+    concepts = "adapters" in cfg or has_adapter_column(read_rows(cfg["data"]))
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
+    if main_rank:
+        method = cfg.get("reft", {}).get("method", "loreft")
+        what = f"one {method} adapter per name in the data's adapter column" if concepts else method
+        status(f"training {what} on {cfg['model']} -> {cfg['output_dir']}")
+    runner = run_concept_recipe if concepts else run_recipe
     try:
-        metrics = run_recipe(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.json)
+        metrics = runner(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.json)
     except KeyboardInterrupt:
         args.on_interrupt = on_interrupt(f"reftkit train {shlex.quote(args.config)}", cfg["output_dir"], cfg)
         raise
+    finally:
+        distributed.close()
+    if not main_rank:
+        return 0
     if args.json:
         emit_json(metrics)
         return 0
@@ -108,7 +124,10 @@ def run_train(args: argparse.Namespace) -> int:
     if metrics["eval"]:
         print(f"eval loss {metrics['eval'][-1][1]:.4f}")
     print(f"trainable parameters: {metrics['trainable_parameters']:,} ({metrics['trainable_percent']:.4f}%)")
-    print(f"adapter: {metrics['adapter']}")
+    for name, info in (metrics.get("adapters") or {}).items():
+        print(f"adapter {name}: {info['folder']} ({info['examples']} examples, final loss {info['losses'][-1]:.4f})")
+    if not metrics.get("adapters"):
+        print(f"adapter: {metrics['adapter']}")
     if metrics.get("loss_plot"):
         print(f"loss curve: {metrics['loss_plot']}")
     return 0

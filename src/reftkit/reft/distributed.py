@@ -87,6 +87,18 @@ def init(device: "str | torch.device" = "cpu") -> bool:
     return dist.get_world_size() > 1
 
 
+def setup(device: "str | None") -> str | None:
+    """For a command that loads its own model: under a launcher, join the process group and return this rank's
+    device (`cuda` becomes `cuda:LOCAL_RANK`); without one, None (nothing changes)."""
+    if launched_world_size() <= 1 and not is_initialized():
+        return None
+    from ..devices import resolve_device
+
+    resolved = local_device(resolve_device(device))
+    init(resolved)
+    return str(resolved)
+
+
 def close() -> None:
     """Leave the process group this module (or the caller) initialised."""
     if is_initialized():
@@ -229,6 +241,35 @@ def _short(value) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states: `cpu`, and `cuda.N` for each visible GPU."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return rng
+
+
+def restore_rng(rng: dict, saved_world: int, draws: bool, where) -> None:
+    """Restore this rank's RNG state from a checkpoint's (`gather_tensors` of `rng_state`). A checkpoint of another
+    world size continues exactly only when training draws no random numbers (`draws` False: no dropout)."""
+    world = world_size()
+    if saved_world != world:
+        if draws:
+            raise ConfigError(
+                f"checkpoint {where} was written by a run of {saved_world} process(es) and this run has {world}; "
+                f"with dropout each process draws its own random numbers, so only {saved_world} process(es) "
+                f"continue it exactly: resume with `torchrun --nproc_per_node {saved_world}`"
+                + (" (or without torchrun)" if saved_world == 1 else "") + ", or train without dropout")
+        log.info("resuming a checkpoint of %d process(es) on %d: without dropout the random state is unused",
+                 saved_world, world)
+    prefix = "" if saved_world == 1 else f"rank{rank() if saved_world == world else 0}."
+    mine = {k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)}
+    torch.set_rng_state(mine["cpu"])
+    cuda = [mine[k] for k in sorted(mine) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def gather_tensors(mine: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every rank's CPU tensors: `mine` itself in one process, else `rankR.KEY` for each rank R and key."""
     from safetensors.torch import load, save
@@ -269,6 +310,39 @@ def ddp(reft):
     model = DDP(reft, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
     model.register_comm_hook(None, _sum_gradients)
     return model
+
+
+def sum_gradients(params: list) -> None:
+    """Sum the gradients of `params` over ranks in one collective (a missing gradient counts as zeros). Used for
+    the interventions when the decoder layers are FSDP-sharded, where the interventions stay whole on every rank."""
+    if world_size() == 1 or not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = flat.to(comm_device())
+    _dist().all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset: offset + n].view_as(p).to(p.device).clone()
+        offset += n
+
+
+def shard_layers(reft) -> None:
+    """FSDP2 `fully_shard` on each decoder layer of the (frozen) base model, over a mesh of every rank on the
+    model's device type (a CPU mesh for gloo, so nothing is moved to CUDA). The interventions and the modules
+    outside the layers stay whole; the engine's hooks run on the sharded layers, whose weights FSDP gathers for
+    each forward and backward. The layers stay sharded after training."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ..sites import find_blocks
+
+    device = next(reft.model.parameters()).device
+    mesh = init_device_mesh(device.type, (world_size(),))
+    _, blocks = find_blocks(reft.model)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    log.info("FSDP2: %d decoder layers sharded over %d ranks", len(blocks), world_size())
 
 
 # ---- launcher checks --------------------------------------------------------------------------------------

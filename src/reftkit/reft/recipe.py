@@ -47,6 +47,7 @@ from ..atomic import check_writable, recover_folder, replace_folder, write_file
 from ..behaviours import behaviour
 from ..errors import ConfigError, ReftkitError
 from ..yaml_config import beside, model_beside, read_mapping
+from . import distributed
 from .config import ReftConfig
 from .data import encode, read_rows
 from .model import ReftModel
@@ -54,7 +55,8 @@ from .train import TASKS, TrainArgs, check_output_folder, is_empty_folder, train
 
 log = logging.getLogger(__name__)
 TOP_KEYS = {"model", "task", "data", "eval_data", "output_dir", "chat", "max_length", "reft", "train", "num_labels",
-            "label_names", "behaviour", "device", "dtype"}
+            "label_names", "behaviour", "device", "dtype",
+            "adapters"}  # adapters: the names a data column `adapter` may use (reftkit.reft.concepts)
 PATH_KEYS = ("data", "eval_data", "output_dir")
 FLAGS = ("--resume (resume=True)", "--overwrite (overwrite=True)")
 
@@ -231,10 +233,13 @@ def run_recipe(cfg: dict, *, resume: bool = False, overwrite: bool = False, prog
     complete)."""
     from ..models import load_model
 
+    device = distributed.setup(cfg.get("device"))  # under torchrun: join the group, one device per rank
+    cfg = cfg if device is None or model_and_tokenizer is not None else {**cfg, "device": device}
     out = Path(cfg["output_dir"])
     task = cfg["task"]
     rows = check_before_loading(cfg, model_and_tokenizer is None)
-    work = run_folder(out, resume=resume, overwrite=overwrite)
+    # under torchrun only rank 0 touches the run folder (see reftkit.reft.distributed)
+    work = Path(distributed.on_main(lambda: str(run_folder(out, resume=resume, overwrite=overwrite))))
     if model_and_tokenizer is None:
         num_labels = cfg.get("num_labels") or len(cfg.get("label_names") or []) or 2
         kwargs = {"task": "sequence-classification", "num_labels": num_labels} if task == "classification" else {}
@@ -260,19 +265,23 @@ def run_recipe(cfg: dict, *, resume: bool = False, overwrite: bool = False, prog
     args.progress = progress and args.progress
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     result = train(reft, data, args, task=task, pad_token_id=pad, eval_data=eval_data, resume=resume)
-    reft.save_pretrained(work / "adapter")
     trainable, total = reft.trainable_parameters()
     metrics = {"task": task, "model": cfg["model"], "steps": result["step"], "losses": result["losses"],
                "eval": result["eval"], "train_seconds": round(result["train_seconds"], 3),
                "examples_per_second": round(result["examples_per_second"], 3), "trainable_parameters": trainable,
                "total_parameters": total, "trainable_percent": 100 * trainable / total,
                "reft": reft_cfg.to_dict(), "adapter": str(out / "adapter")}
-    write_file(work / "metrics.json", json.dumps(metrics, indent=2))
-    plot = plot_losses(result["losses"], result["eval"], work / "loss.png")
-    if work != out:
-        replace_folder(work, out)
-        log.info("replaced %s with the new run", out)
-    metrics["loss_plot"] = str(out / plot.name) if plot else None
+
+    def write() -> str | None:
+        reft.save_pretrained(work / "adapter")
+        write_file(work / "metrics.json", json.dumps(metrics, indent=2))
+        plot = plot_losses(result["losses"], result["eval"], work / "loss.png")
+        if work != out:
+            replace_folder(work, out)
+            log.info("replaced %s with the new run", out)
+        return str(out / plot.name) if plot else None
+
+    metrics["loss_plot"] = distributed.on_main(write)
     return metrics
 
 

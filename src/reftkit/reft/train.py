@@ -71,6 +71,7 @@ class TrainArgs:
     dpo_beta: float = 0.1
     padding_side: str = "right"
     progress: bool = True
+    fsdp: bool = False  # under several processes: shard the base's decoder layers with FSDP2 (see distributed)
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "eval_every", "save_every", "seed"):
@@ -98,6 +99,8 @@ class TrainArgs:
         if self.padding_side not in ("left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         check_bf16_setting(self.bf16, "train option bf16")
+        if not isinstance(self.fsdp, bool):
+            raise ConfigError(f"train option fsdp must be true or false, got {self.fsdp!r}")
         g = self.max_grad_norm
         if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0):
             raise ConfigError(f"max_grad_norm must be a positive number or null, got {g!r}")
@@ -203,17 +206,10 @@ def load_raw_state(reft: ReftModel, raw: dict[str, torch.Tensor], where) -> None
             target.copy_(v)
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return rng
-
-
 def _save_checkpoint(reft, opt, sched, state: dict, directory: Path) -> None:
     """Every rank calls this (the RNG states are gathered); rank 0 writes, and a failed write is raised on every
     rank."""
-    rng = dist.gather_tensors(_rng_state())
+    rng = dist.gather_tensors(dist.rng_state())
     reft = unwrap(reft)
 
     def write():
@@ -274,29 +270,8 @@ def _load_checkpoint(reft, opt, sched, directory: Path) -> dict:
     load_raw_state(unwrap(reft), raw, directory)
     opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
     sched.load_state_dict(meta["scheduler"])
-    _restore_rng(rng, state.get("world_size", 1), reft, directory)
+    dist.restore_rng(rng, state.get("world_size", 1), uses_dropout(unwrap(reft)), directory)
     return state
-
-
-def _restore_rng(rng: dict, saved_world: int, reft, directory: Path) -> None:
-    world, rank = dist.world_size(), dist.rank()
-    if saved_world != world:
-        if uses_dropout(unwrap(reft)):
-            raise ConfigError(
-                f"checkpoint {directory} was written by a run of {saved_world} process(es) and this run has {world}; "
-                f"with dropout each process draws its own random numbers, so only {saved_world} process(es) "
-                f"continue it exactly: resume with `torchrun --nproc_per_node {saved_world}`"
-                + (" (or without torchrun)" if saved_world == 1 else "") + ", or train without dropout")
-        log.info("resuming a checkpoint of %d process(es) on %d: without dropout the random state is unused",
-                 saved_world, world)
-    prefix = f"rank{rank}." if saved_world > 1 else ""
-    if saved_world != world:
-        prefix = "rank0." if saved_world > 1 else ""
-    mine = {k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)}
-    torch.set_rng_state(mine["cpu"])
-    cuda = [mine[k] for k in sorted(mine) if k.startswith("cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
 
 
 def uses_dropout(reft: ReftModel) -> bool:
@@ -365,13 +340,15 @@ def evaluate(reft: ReftModel, data: list[Example], collator: Collator, args: Tra
     reft.eval()
     total, n = 0.0, 0
     rank, world = dist.rank(), dist.world_size()
+    starts = list(range(0, len(data), args.batch_size))
     with torch.no_grad(), _autocast(reft, args.bf16):
-        for i, s in enumerate(range(0, len(data), args.batch_size)):
-            if i % world != rank:
-                continue
+        for i in range(rank, math.ceil(len(starts) / world) * world, world):  # the same count on every rank
+            s = starts[i] if i < len(starts) else 0  # a rank past the end repeats batch 0 and ignores it (FSDP)
             batch = collator(data[s: s + args.batch_size])
-            total += float(task_loss(reft, batch, task, args.dpo_beta, num_items=1))
-            n += batch_items(batch, task)
+            loss = float(task_loss(reft, batch, task, args.dpo_beta, num_items=1))
+            if i < len(starts):
+                total += loss
+                n += batch_items(batch, task)
     total, n = dist.all_sum([total, n]).tolist()
     reft.train(was_training)
     return total / max(n, 1)
@@ -448,7 +425,9 @@ def train_streams(reft: ReftModel, streams: list[Stream], args: TrainArgs, *, ta
         raise ConfigError("resume=True continues the run in output_dir and overwrite=True replaces it; pass one")
     dist.on_main(lambda: _prepare_folder(ckpt, args, resume, overwrite))
     args = replace(args, bf16=resolve_bf16(args.bf16, device))  # decided once; metrics record what ran
-    model = dist.ddp(reft) if world > 1 else reft
+    if world > 1 and args.fsdp:
+        dist.shard_layers(reft)
+    model = dist.ddp(reft) if world > 1 and not args.fsdp else reft
     # dropout draws from an RNG seeded by args.seed (and restored on resume); the caller's RNG is left alone
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + RANK_SEED_STRIDE * dist.rank())
@@ -566,7 +545,8 @@ def _loop(model, streams: list[Stream], args: TrainArgs, task: str, collator, op
             local = local or rows[:1]
             batch = collator([ex for _, ex in local])
             if routed:
-                batch["adapter_names"] = [streams[k].name for k, _ in local]
+                names = [streams[k].name for k, _ in local]
+                batch["adapter_names"] = names * 2 if task == "dpo" else names  # dpo: chosen rows, then rejected
                 if not ghost:
                     counts.index_add_(0, torch.tensor([k for k, _ in local]), row_items(batch, task).double())
             elif not ghost:
@@ -575,7 +555,7 @@ def _loop(model, streams: list[Stream], args: TrainArgs, task: str, collator, op
         items = dist.all_sum(counts).clamp(min=1)
         losses = torch.zeros(len(streams) + 1, dtype=torch.float64)
         for j, (ks, batch, ghost) in enumerate(shares):
-            sync = world == 1 or j == len(shares) - 1
+            sync = model is reft or j == len(shares) - 1
             with contextlib.nullcontext() if sync else model.no_sync():
                 with _autocast(reft, args.bf16):
                     if routed:
@@ -586,11 +566,13 @@ def _loop(model, streams: list[Stream], args: TrainArgs, task: str, collator, op
                     else:
                         loss = task_loss(model, batch, task, args.dpo_beta, num_items=int(items[0]))
                         loss = loss * 0.0 if ghost else loss
-                    if world > 1:  # every trainable tensor takes part in each backward DDP reduces
+                    if model is not reft:  # every trainable tensor takes part in each backward DDP reduces
                         loss = loss + 0.0 * sum(p.sum() for p in trainable)
                 loss.backward()
                 losses[0] += float(loss.detach())
         losses = dist.all_sum(losses) if world > 1 else losses
+        if model is reft:  # FSDP-sharded layers: the whole interventions' gradients are summed here
+            dist.sum_gradients(trainable)
         active = {k for k, _ in live}
         for k, s in enumerate(streams):
             params = [p for i in s.groups for p in opt.param_groups[i]["params"]]
