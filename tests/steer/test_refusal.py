@@ -291,3 +291,21 @@ def test_a_config_file_extracts_the_same_vector_and_the_example_is_valid(tiny_ll
         load_steer_config(tmp_path / "bad.yaml")
     example = load_steer_config(Path(__file__).parents[2] / "examples" / "steer" / "refusal.yaml")
     assert example["method"] == "refusal" and len(example["pairs_rows"]) == 24
+
+
+def test_a_system_prompt_comes_before_the_instruction_and_keeps_the_positions(tiny_llama):
+    from reftkit.steer.refusal import instruction_ids
+
+    model, tok = tiny_llama
+    ids = instruction_ids(tok, "hello there.", True, "Refuse harmful requests.")
+    text = tok.decode(ids)
+    assert text.index("Refuse harmful requests.") < text.index("hello there.")
+    suffix = instruction_suffix(tok)
+    assert ids[-len(suffix):] == suffix
+    assert instruction_ids(tok, "hello there.", True) == prompt_ids(tok, "hello there.", True)
+    plain = _run(model, tok, kl_threshold=1e9, induce_threshold=-1e9)
+    system = _run(model, tok, kl_threshold=1e9, induce_threshold=-1e9, system="Refuse harmful requests.")
+    assert system.report["options"]["system"] == "Refuse harmful requests."
+    assert not torch.equal(plain.directions["L1.block_input"], system.directions["L1.block_input"])
+    with pytest.raises(ConfigError, match="system"):
+        _run(model, tok, system="")

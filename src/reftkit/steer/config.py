@@ -49,7 +49,7 @@ METHODS = ("mean_diff", "pca", "logistic", "actadd", "refusal", "iti", "lape")
 METHOD_OPTIONS = {"mean_diff": {"normalize", "norm_reference"}, "pca": {"variant", "sign"},
                   "logistic": {"l2", "steps"}, "actadd": {"pad", "pad_token_id"},
                   "refusal": {"val_ratio", "seed", "positions", "refusal_starts", "kl_threshold", "induce_threshold",
-                              "prune_layer_fraction", "operator"},
+                              "prune_layer_fraction", "operator", "system"},
                   "iti": {"heads", "val_ratio", "seed", "l2", "steps"},
                   "lape": {"language", "edit", "value", "top_rate", "filter_rate", "activation_bar_ratio"}}
 RAW_ONLY = ("actadd", "refusal", "iti", "lape")

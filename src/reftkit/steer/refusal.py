@@ -2,9 +2,9 @@
 selected by bypass, induce and KL filters; applied as directional ablation everywhere or as an addition.
 
 `refusal_direction(model, tokenizer, harmful, harmless)` reads `L{l}.block_input` at each post-instruction
-position (the chat-template tokens after the user's instruction, `instruction_suffix`) of every harmful and
-harmless instruction, and forms the candidates `r[i, l] = mean_harmful(i, l) − mean_harmless(i, l)` (float64
-means). Each candidate is scored on held-out prompts (`val_harmful` / `val_harmless`, else a seeded
+position (the chat-template tokens after the user's instruction, `instruction_suffix`; the instruction is the
+user turn, after a `system` turn when one is given) of every harmful and harmless instruction, and forms the
+candidates `r[i, l] = mean_harmful(i, l) − mean_harmless(i, l)` (float64 means). Each candidate is scored on held-out prompts (`val_harmful` / `val_harmless`, else a seeded
 `val_ratio` split of the given ones), at the last prompt position, i.e. the distribution of the first generated
 token:
 
@@ -184,10 +184,21 @@ def refusal_addition(vector: SteeringVector) -> SteeringVector:
 
 # ----------------------------------------------------------------------------------------------- the model
 
-def _sequences(tokenizer, prompts: list[str], suffix: list[int], chat: bool, what: str) -> list[Sequence]:
+def instruction_ids(tokenizer, text: str, chat: bool = True, system: str | None = None) -> list[int]:
+    """Token ids of one instruction as the user turn (after a `system` turn when given), assistant turn opened."""
+    if system is None or not chat or not getattr(tokenizer, "chat_template", None):
+        return list(prompt_ids(tokenizer, text, chat))
+    rendered = tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                              {"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+def _sequences(tokenizer, prompts: list[str], suffix: list[int], chat: bool, what: str,
+               system: str | None = None) -> list[Sequence]:
     out = []
     for i, text in enumerate(prompts):
-        ids = list(prompt_ids(tokenizer, text, chat))
+        ids = instruction_ids(tokenizer, text, chat, system)
         if suffix and ids[-len(suffix):] != suffix:
             raise DataError(f"{what}[{i}]: its tokens do not end with the chat template's post-instruction tokens "
                             f"{suffix} (the instruction's end merges with the template); end it with a space or "
@@ -240,6 +251,7 @@ def refusal_direction(model, tokenizer, harmful, harmless, *, val_harmful=None, 
                       val_ratio: float = 0.25, seed: int = 0, layers=None, positions: int | None = None,
                       refusal_starts=REFUSAL_STARTS, kl_threshold: float = 0.1, induce_threshold: float = 0.0,
                       prune_layer_fraction: float = 0.2, operator: str = "ablate", chat: bool = True,
+                      system: str | None = None,
                       batch_size: int = 16, progress: bool = False) -> SteeringVector:
     """Arditi et al.'s refusal direction (see the module docstring)."""
     start = time.perf_counter()
@@ -281,7 +293,9 @@ def refusal_direction(model, tokenizer, harmful, harmless, *, val_harmful=None, 
     sites = [Site(layer=s.layer, component="block_input") for s in sites]
     n_layers = model_dims(model).n_layers
     pad = _pad_id(tokenizer)
-    seqs = {what: _sequences(tokenizer, prompts, suffix, chat, what) for what, prompts in
+    if system is not None and (not isinstance(system, str) or not system.strip()):
+        raise ConfigError(f"system must be a non-empty string (a system prompt), got {system!r}")
+    seqs = {what: _sequences(tokenizer, prompts, suffix, chat, what, system) for what, prompts in
             (("harmful", harmful), ("harmless", harmless), ("val_harmful", val_harmful),
              ("val_harmless", val_harmless))}
 
@@ -306,27 +320,32 @@ def refusal_direction(model, tokenizer, harmful, harmless, *, val_harmful=None, 
         from tqdm.auto import tqdm
 
         iterator = tqdm(work, desc="score candidates", unit="candidate", leave=False)
-    for site, i in iterator:
-        r = directions[site.name][i]
-        entry = {"layer": site.layer, "position": i - n_pos, "norm": float(r.norm()),
-                 "relative_norm": float(r.norm()) / max(float(hidden[site.name][i]), 1e-12)}
-        candidates.append(entry)
-        if site.layer >= cutoff:
-            entry.update(bypass=None, induce=None, kl=None, passed=False, filtered=["pruned layer"])
-            continue
-        if float(r.norm()) == 0.0:  # e.g. layer 0, where the template's tokens have the same embedding
-            entry.update(bypass=None, induce=None, kl=None, passed=False, filtered=["zero direction"])
-            continue
-        ablate = _vector(r, ablation_sites(n_layers), "ablate", hidden_norm=0.0, model_hint={}, counts={},
-                         report={})
-        with steer(model, [(ablate, 1.0)], check_weights=False) as steered:
-            ablated = _last_logits(model, val, pad, batch_size, steered)
-        add = _vector(r, [site.name], "add", hidden_norm=0.0, model_hint={}, counts={}, report={})
-        with steer(model, [(add, 1.0)], check_weights=False) as steered:
-            induced = _last_logits(model, seqs["val_harmless"], pad, batch_size, steered)
-        entry.update(bypass=float(refusal_scores(ablated[:n_vh], tokens).mean()),
-                     induce=float(refusal_scores(induced, tokens).mean()),
-                     kl=float(kl_divergence(base_val[n_vh:], ablated[n_vh:]).mean()))
+    # one ablating model for every candidate: its 3·L interventions get each candidate's direction in turn
+    template = _vector(torch.ones(model_dims(model).hidden), ablation_sites(n_layers), "ablate", hidden_norm=0.0,
+                       model_hint={}, counts={}, report={})
+    with steer(model, [(template, 1.0)], check_weights=False) as ablating:
+        slots = [iv.direction for iv in ablating.intervenable.interventions]
+        for site, i in iterator:
+            r = directions[site.name][i]
+            entry = {"layer": site.layer, "position": i - n_pos, "norm": float(r.norm()),
+                     "relative_norm": float(r.norm()) / max(float(hidden[site.name][i]), 1e-12)}
+            candidates.append(entry)
+            if site.layer >= cutoff:
+                entry.update(bypass=None, induce=None, kl=None, passed=False, filtered=["pruned layer"])
+                continue
+            if float(r.norm()) == 0.0:  # e.g. layer 0, where the template's tokens have the same embedding
+                entry.update(bypass=None, induce=None, kl=None, passed=False, filtered=["zero direction"])
+                continue
+            with torch.no_grad():
+                for slot in slots:
+                    slot.copy_(r.to(slot.dtype))
+            ablated = _last_logits(model, val, pad, batch_size, ablating)
+            add = _vector(r, [site.name], "add", hidden_norm=0.0, model_hint={}, counts={}, report={})
+            with ablating.intervenable.disabled(), steer(model, [(add, 1.0)], check_weights=False) as steered:
+                induced = _last_logits(model, seqs["val_harmless"], pad, batch_size, steered)
+            entry.update(bypass=float(refusal_scores(ablated[:n_vh], tokens).mean()),
+                         induce=float(refusal_scores(induced, tokens).mean()),
+                         kl=float(kl_divergence(base_val[n_vh:], ablated[n_vh:]).mean()))
     best, passed = select_candidate(candidates, kl_threshold=kl_threshold, induce_threshold=induce_threshold)
     if not passed:
         warnings.append(f"no candidate passed the filters (kl ≤ {kl_threshold}, induce ≥ {induce_threshold}); took "
@@ -340,7 +359,7 @@ def refusal_direction(model, tokenizer, harmful, harmless, *, val_harmful=None, 
     r = directions[site_name][best["position"] + n_pos]
     options = {"val_ratio": val_ratio, "seed": seed, "positions": n_pos, "refusal_starts": list(refusal_starts),
                "refusal_token_ids": tokens, "kl_threshold": kl_threshold, "induce_threshold": induce_threshold,
-               "prune_layer_fraction": prune_layer_fraction, "operator": operator, "chat": chat}
+               "prune_layer_fraction": prune_layer_fraction, "operator": operator, "chat": chat, "system": system}
     counts = {"harmful": len(harmful), "harmless": len(harmless), "val_harmful": len(val_harmful),
               "val_harmless": len(val_harmless)}
     report = {"method": "refusal", "options": options, "counts": counts, "read": f"l{n_pos}",
@@ -359,5 +378,6 @@ def refusal_direction(model, tokenizer, harmful, harmless, *, val_harmful=None, 
                    counts=counts, report=report)
 
 
-__all__ = ["REFUSAL_STARTS", "ablation_sites", "candidate_directions", "instruction_suffix", "kl_divergence",
+__all__ = ["REFUSAL_STARTS", "ablation_sites", "candidate_directions", "instruction_ids", "instruction_suffix",
+           "kl_divergence",
            "refusal_addition", "refusal_direction", "refusal_scores", "refusal_token_ids", "select_candidate"]
