@@ -47,7 +47,8 @@ tokens = refusal_token_ids(tokenizer)
 def batch_of(prompts, system):
     ids = [instruction_ids(tokenizer, p, True, system) for p in prompts]
     T = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), T), tokenizer.pad_token_id, dtype=torch.long)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(ids), T), pad, dtype=torch.long)
     mask = torch.zeros(len(ids), T, dtype=torch.long)
     for i, x in enumerate(ids):
         input_ids[i, T - len(x):] = torch.tensor(x)
@@ -67,7 +68,7 @@ def replies(prompts, system, steered=None):
     batch = batch_of(prompts, system)
     with torch.no_grad():
         run = model if steered is None else steered
-        out = run.generate(**batch, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = run.generate(**batch, max_new_tokens=40, do_sample=False, pad_token_id=int(batch["input_ids"][0, 0]))
     return [tokenizer.decode(o[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
 
 
