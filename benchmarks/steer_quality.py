@@ -59,8 +59,7 @@ SETTINGS = {
     "reft": {"layers": [8, 16, 24], "positions": "f1+l1", "tied": True},
     "reft_train": {"epochs": 8, "batch_size": 8, "lr": 4e-3},
     "reft_ranks": [1, 4],
-    "layer_sweep": {"behaviour": "all_caps", "layers": [3, 6, 9, 12], "grid": [0.125, 0.25, 0.5],
-                    "kl_budget": 2.0},
+    "layer_sweep": {"behaviour": "all_caps", "layers": [3, 6, 9], "grid": [0.25, 0.5], "kl_budget": 2.0},
 }
 QUICK = {**SETTINGS, "grid_hidden_norm": [0.25, 0.5], "grid_actadd": [2.0, 4.0], "reft_ranks": [1],
          "reft_train": {"epochs": 1, "batch_size": 8, "lr": 4e-3}, "max_new_tokens": 12, "train_reply_tokens": 16,
@@ -290,7 +289,8 @@ def run_layer_sweep(model, tok, cfg: dict, base_train: list, shared: dict) -> di
                          kl_budget=ls["kl_budget"], scope=cfg["scope"], behaviour_spec=spec["check"],
                          seed=cfg["seed"], max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["batch_size"])
     test = report["test"]["metrics"]
-    return {"behaviour": ls["behaviour"], "kl_budget": report["kl_budget"], "best_site": report["best_site"],
+    return {"behaviour": ls["behaviour"], "settings": ls, "kl_budget": report["kl_budget"],
+            "best_site": report["best_site"],
             "best_coefficient": report["best_coefficient"], "test_score": round(report["test"]["score"], 4),
             "test": {k: test.get(k) for k in ("behaviour_rate", "content_retention", "fluency", "kl", "distinct_2")},
             "frontier": {site: [{"coefficient": p["coefficient"], "behaviour_rate": p["metrics"]["behaviour_rate"],
@@ -392,8 +392,9 @@ def main(argv=None) -> int:
     parser.add_argument("--behaviours", default=",".join(BEHAVIOURS), help="comma-separated behaviours")
     parser.add_argument("--no-layer-sweep", action="store_true", help="skip the layers x strengths sweep")
     parser.add_argument("--recipes", metavar="NAMES",
-                        help="only the all-caps recipe search (comma-separated names of RECIPES, or 'all'), merged "
-                             "into the existing results file")
+                        help="also the all-caps recipe search (comma-separated names of RECIPES, or 'all')")
+    parser.add_argument("--merge", action="store_true",
+                        help="add to the existing results file (its other behaviours are kept) instead of a new one")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else SETTINGS
     torch.set_num_threads(cfg["threads"])
@@ -413,33 +414,37 @@ def main(argv=None) -> int:
     data_s = time.perf_counter() - t0
     shared: dict = {}
     out = HERE / "results" / ("steer_quality_quick.json" if args.quick else "steer_quality.json")
-    if args.recipes:
-        names = list(RECIPES) if args.recipes == "all" else args.recipes.split(",")
-        results = json.loads(out.read_text())
-        t0 = time.perf_counter()
-        results["recipe_search"] = run_recipes(model, tok, cfg, base_train, shared, names)
-        results["recipe_search"].update(machine=machine_info(cfg["threads"]),
-                                        seconds=round(time.perf_counter() - t0, 1))
+    fresh = {"benchmark": "steer_quality", "model": MODEL_NAME, "machine": machine_info(cfg["threads"]),
+             "settings": {k: v for k, v in cfg.items()}, "quick": args.quick, "load_seconds": round(load_s, 1),
+             "data_seconds": round(data_s, 1),
+             "data": {"train_prompts": len(TRAIN_PROMPTS), "heldout_prompts": len(HELDOUT_PROMPTS),
+                      "facts": len(FACTS), "neutral_texts": len(NEUTRAL)},
+             "base_train_replies": dict(zip(TRAIN_PROMPTS, base_train)), "behaviours": {}, "runs": []}
+    results = json.loads(out.read_text()) if args.merge and out.exists() else fresh
+    results.setdefault("runs", [])
+    results["runs"].append({"argv": sys.argv[1:], "machine": machine_info(cfg["threads"])})
+
+    def save():
         out.write_text(json.dumps(results, indent=2, ensure_ascii=False))
-        print(f"wrote {out}")
-        return 0
-    results = {"benchmark": "steer_quality", "model": MODEL_NAME, "machine": machine_info(cfg["threads"]),
-               "settings": {k: v for k, v in cfg.items()}, "quick": args.quick, "load_seconds": round(load_s, 1),
-               "data_seconds": round(data_s, 1),
-               "data": {"train_prompts": len(TRAIN_PROMPTS), "heldout_prompts": len(HELDOUT_PROMPTS),
-                        "facts": len(FACTS), "neutral_texts": len(NEUTRAL)},
-               "base_train_replies": dict(zip(TRAIN_PROMPTS, base_train)), "behaviours": {}}
-    for name in args.behaviours.split(","):
+        if results["behaviours"]:
+            plot(results, out.with_suffix(".png"))
+
+    for name in [n for n in args.behaviours.split(",") if n]:
         results["behaviours"][name] = run_behaviour(model, tok, name, BEHAVIOURS[name], cfg, base_train,
                                                     base_heldout, shared)
-        out.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        save()
+    if args.recipes:
+        names = list(RECIPES) if args.recipes == "all" else args.recipes.split(",")
+        t0 = time.perf_counter()
+        results["recipe_search"] = run_recipes(model, tok, cfg, base_train, shared, names)
+        results["recipe_search"]["seconds"] = round(time.perf_counter() - t0, 1)
+        save()
     if not args.no_layer_sweep:
         t0 = time.perf_counter()
         results["layer_sweep"] = run_layer_sweep(model, tok, cfg, base_train, shared)
         results["layer_sweep"]["seconds"] = round(time.perf_counter() - t0, 1)
-    results["total_seconds"] = round(time.perf_counter() - run_start, 1)
-    out.write_text(json.dumps(results, indent=2, ensure_ascii=False))
-    plot(results, out.with_suffix(".png"))
+    results["runs"][-1]["seconds"] = round(time.perf_counter() - run_start, 1)
+    save()
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
