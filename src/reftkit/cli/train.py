@@ -1,5 +1,9 @@
 """`reftkit train` (a YAML recipe) and `reftkit demo` (the built-in caps recipe), with their run folders,
-`--resume`/`--overwrite` and the line that says how to continue after Ctrl-C."""
+`--resume`/`--overwrite` and the line that says how to continue after Ctrl-C.
+
+`reftkit train` runs unchanged under `torchrun --nproc_per_node N -m reftkit train RECIPE` (the processes share each
+global batch; only rank 0 prints and writes: see docs/scaling.md). Data with an `adapter` column trains one adapter
+per name in one pass (`reftkit.reft.concepts`)."""
 
 from __future__ import annotations
 

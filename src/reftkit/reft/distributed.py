@@ -221,7 +221,10 @@ def check_same(summary: dict, what: str = "training run") -> None:
     that differ and the ranks that differ from rank 0."""
     if world_size() == 1:
         return
-    mine = json.dumps(summary, sort_keys=True, default=str)
+    flat = {}
+    for key, value in summary.items():  # one level down, so a difference names e.g. train.lr
+        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) and value else {key: value})
+    mine = json.dumps(flat, sort_keys=True, default=str)
     everyone = [json.loads(b.decode()) for b in all_gather_bytes(mine.encode())]
     first = everyone[0]
     diffs = []

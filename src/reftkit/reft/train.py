@@ -23,6 +23,8 @@
   the step of one process with batch G. Clipping, the step and the scheduler then run identically on every rank.
   Rank 0 alone shows progress, logs, evaluates the gathered sums and writes checkpoints (with every rank's RNG
   state); a resume reads them on rank 0 and broadcasts them, so no other rank needs the run folder.
+  `fsdp=True` shards the base's decoder layers with FSDP2 instead (`distributed.shard_layers`); the interventions
+  stay whole and their gradients are summed in one collective per step.
 - Many adapters in one pass (`streams`, used by `reftkit.reft.concepts`): each adapter has its own data, batches,
   epochs, step count and learning-rate schedule, and its rows are routed to it; the loss of each adapter is
   normalised by its own items and gradients are clipped per adapter, so every adapter follows the trajectory it
