@@ -15,6 +15,10 @@ Decisions:
   optimizer moments the Trainer restores still belong to the parameters they were computed for, and a resumed run
   continues where it stopped. `training_args.bin` (a pickle) is not written.
 - Optimizer, scheduler and RNG files are the Trainer's own (`torch.save`, read back with `weights_only=True`).
+- Under `accelerate launch` / `torchrun` the Trainer's own DDP/FSDP applies. The launcher trap is refused: when the
+  launcher started several processes (`WORLD_SIZE` > 1) but the Trainer sees a world of size 1 (on a machine
+  without GPUs, `TrainingArguments(use_cpu=True)` is needed for the processes to join one gloo group), each
+  process would train alone, so `ReftTrainer` raises `ConfigError` saying so.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ..atomic import write_folder
 from ..errors import ConfigError, MissingDependencyError
 from ..precision import resolve_bf16
 from .data import Collator
+from .distributed import check_launcher
 from .model import ReftModel
 from .train import bf16_training_attention, load_raw_state, param_groups, raw_state
 
@@ -60,6 +65,8 @@ class ReftTrainer(Trainer):
             data_collator = Collator(pad_token_id, task, padding_side)
         self.task = task
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        # `accelerate launch --multi_gpu` / torchrun without GPUs and without use_cpu=True: N lone runs
+        check_launcher(self.args.world_size, "the Trainer (TrainingArguments.world_size)")
 
     @property
     def reft_model(self) -> ReftModel:
