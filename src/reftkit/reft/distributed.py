@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from datetime import timedelta
 
 import torch
@@ -83,7 +84,8 @@ def init(device: "str | torch.device" = "cpu") -> bool:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, timeout=timeout())
-    log.info("rank %d of %d joined the %s process group", dist.get_rank(), dist.get_world_size(), backend)
+    if dist.get_rank() == 0:
+        log.info("%d processes joined the %s process group", dist.get_world_size(), backend)
     return dist.get_world_size() > 1
 
 
@@ -310,7 +312,9 @@ def ddp(reft):
     ignore += [f"model.{n}" for n, _ in reft.model.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(reft, ignore)
     device = next(p for p in reft.parameters() if p.requires_grad).device
-    model = DDP(reft, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    with warnings.catch_warnings():  # torch 2.13 deprecates broadcast_buffers but says to keep it for no init sync
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        model = DDP(reft, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
     model.register_comm_hook(None, _sum_gradients)
     return model
 
