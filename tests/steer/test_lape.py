@@ -213,6 +213,8 @@ def test_bad_input_is_a_typed_error(planted):
         neurons.vector("c")
     with pytest.raises(ConfigError, match="unknown LAPE edit"):
         neurons.vector("a", "multiply")
+    with pytest.raises(ConfigError, match="fill of a deactivation"):
+        neurons.vector("a", "additive", value=2.0)
     with pytest.raises(ConfigError, match="layers"):
         lape(model, tok, _texts(n=2), layers=[9])
 

@@ -250,6 +250,9 @@ class LanguageNeurons:
             raise ConfigError(f"unknown LAPE edit {edit!r}; expected one of {EDITS}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not torch.isfinite(torch.tensor(value)):
             raise ConfigError(f"value must be a finite number, got {value!r}")
+        if value != 0 and edit != "deactivate":
+            raise ConfigError(f"value is the fill of a deactivation; edit {edit!r} uses the language's mean "
+                              "activation (scale it with the coefficient)")
         sets = self._language(language)
         k = self.languages.index(language)
         directions, neurons = {}, {}
