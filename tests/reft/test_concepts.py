@@ -137,3 +137,24 @@ def test_reftkit_train_with_an_adapter_column_writes_one_folder_per_adapter(tmp_
     (tmp_path / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     code, _, err = run_cli(capsys, "train", tmp_path / "concepts.yaml", "--overwrite")
     assert code == 2 and "row 4: adapter 'shapes' is not one of the recipe's adapters" in err
+
+
+def test_a_stopped_concept_run_resumes_to_the_same_adapters(tok, tmp_path, monkeypatch, runs):
+    from .conftest import interrupt_after
+
+    together, result = runs[0], runs[3]
+    data = {name: encode(tok, rows, "sft", chat=False) for name, rows in ROWS.items()}
+
+    def model():
+        return concept_model(build_tiny_model("llama", initializer_range=0.2), ReftConfig(**CONFIG), list(ROWS))
+
+    run_args = args(save_every=1, output_dir=str(tmp_path / "run"))
+    interrupt_after(monkeypatch, 3)  # after the last step of colours: only animals trains on
+    with pytest.raises(KeyboardInterrupt):
+        train_concepts(model(), data, run_args, pad_token_id=tok.pad_token_id)
+    monkeypatch.undo()
+    resumed = model()
+    metrics = train_concepts(resumed, data, run_args, pad_token_id=tok.pad_token_id, resume=True)
+    for name in ROWS:
+        assert_close(torch.tensor(metrics["adapter_losses"][name]), torch.tensor(result["adapter_losses"][name]))
+        assert_state_close(resumed.adapter_state_dict(name), together.adapter_state_dict(name))
