@@ -146,39 +146,13 @@ def _cos(a, b) -> float:
     return dot / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--refs-python", default="/work/venv-steer-refs/bin/python")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--gen-rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--worker", metavar="JOB.json")
-    ap.add_argument("--smoke", nargs=2, metavar=("TINY_HF_DIR", "LAYERS"), help="check the scripts on a tiny model "
-                    "(a Hugging Face folder with a chat template) and LAYERS layers; writes nothing")
-    args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(Path(args.worker).read_text()))))
-        return
-    job = {"pairs": pairs(), "layers": list(range(int(args.smoke[1]) if args.smoke else N_LAYERS)),
-           "reftkit_model": args.smoke[0] if args.smoke else "smollm2-135m-instruct", "repeats": args.repeats, "threads": args.threads,
-           "probe_layer": min(PROBE_LAYER, int(args.smoke[1]) - 1) if args.smoke else PROBE_LAYER, "gen_prompt": GEN_PROMPT, "gen_tokens": GEN_TOKENS,
-           "gen_coefficient": GEN_COEFFICIENT, "gen_rounds": args.gen_rounds}
-    runs = {"reftkit": [], "refs": []}
-    with tempfile.TemporaryDirectory(prefix="steer-speed-") as tmp:
-        job_path = Path(tmp) / "job.json"
-        job_path.write_text(json.dumps(job))
-        env_note = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-        for r in range(args.rounds):
-            order = ["reftkit", "refs"] if r % 2 == 0 else ["refs", "reftkit"]
-            for side in order:
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(job_path)] if side == "reftkit" \
-                    else [args.refs_python, str(REFS), args.smoke[0] if args.smoke else _gguf_dir(), str(job_path)]
-                runs[side].append(_run(cmd))
-                print(f"round {r + 1}: {side} done", file=sys.stderr)
-
-    def med(side, group, key):
-        return statistics.median(run[group][key][0] if group == "extract" else run[group][key] for run in runs[side])
+def summarize(runs: dict) -> dict:
+    """Speed-ups and overheads from the workers' runs: medians pooled over rounds, so one disturbed round (another
+    process on the machine) moves a figure less than a median of two round medians would."""
+    def med(side, group, key):  # pooled over rounds: every repeat's time (extraction), every round's median
+        if group == "extract":
+            return statistics.median(t for run in runs[side] for t in run[group][key][1])
+        return statistics.median(t for run in runs[side] for t in run["generate_rounds"][key])
 
     ours = {k: med("reftkit", "extract", k) for k in runs["reftkit"][0]["extract"]}
     theirs = {k: med("refs", "extract", k) for k in runs["refs"][0]["extract"]}
@@ -205,8 +179,56 @@ def main() -> None:
         and runs["reftkit"][0]["first_ids"] == runs["refs"][0]["first_ids"],
         "tokens": {"reftkit": runs["reftkit"][0]["tokens"], "references": runs["refs"][0]["tokens"]},
         "cosine_mean_diff_vs_steering_vectors_layer10": _cos(runs["reftkit"][0]["mean_diff_probe_layer"],
-                                                             runs["refs"][0]["sv_mean_diff_probe_layer"]),
+                                                             runs["refs"][0]["sv_mean_diff_probe_layer"])
+        if "mean_diff_probe_layer" in runs["reftkit"][0] else None,  # the vectors are dropped from the file
     }
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--refs-python", default="/work/venv-steer-refs/bin/python")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gen-rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--worker", metavar="JOB.json")
+    ap.add_argument("--resummarize", action="store_true", help="recompute the summary of the results file from "
+                    "its runs (no measurement)")
+    ap.add_argument("--smoke", nargs=2, metavar=("TINY_HF_DIR", "LAYERS"), help="check the scripts on a tiny model "
+                    "(a Hugging Face folder with a chat template) and LAYERS layers; writes nothing")
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(Path(args.worker).read_text()))))
+        return
+    if args.resummarize:
+        report = json.loads(RESULTS.read_text())
+        old = report["summary"]
+        report["summary"] = summarize(report["runs"])
+        report["summary"]["cosine_mean_diff_vs_steering_vectors_layer10"] = \
+            old.get("cosine_mean_diff_vs_steering_vectors_layer10")
+        report["summary_statistic"] = "medians pooled over rounds (recomputed with --resummarize)"
+        _write(report)
+        print(json.dumps(report["summary"], indent=2))
+        return
+    job = {"pairs": pairs(), "layers": list(range(int(args.smoke[1]) if args.smoke else N_LAYERS)),
+           "reftkit_model": args.smoke[0] if args.smoke else "smollm2-135m-instruct", "repeats": args.repeats, "threads": args.threads,
+           "probe_layer": min(PROBE_LAYER, int(args.smoke[1]) - 1) if args.smoke else PROBE_LAYER, "gen_prompt": GEN_PROMPT, "gen_tokens": GEN_TOKENS,
+           "gen_coefficient": GEN_COEFFICIENT, "gen_rounds": args.gen_rounds}
+    runs = {"reftkit": [], "refs": []}
+    with tempfile.TemporaryDirectory(prefix="steer-speed-") as tmp:
+        job_path = Path(tmp) / "job.json"
+        job_path.write_text(json.dumps(job))
+        env_note = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+        for r in range(args.rounds):
+            order = ["reftkit", "refs"] if r % 2 == 0 else ["refs", "reftkit"]
+            for side in order:
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(job_path)] if side == "reftkit" \
+                    else [args.refs_python, str(REFS), args.smoke[0] if args.smoke else _gguf_dir(), str(job_path)]
+                runs[side].append(_run(cmd))
+                print(f"round {r + 1}: {side} done", file=sys.stderr)
+
+    summary = summarize(runs)
     import torch
     import transformers
 
@@ -227,11 +249,15 @@ def main() -> None:
     if args.smoke:
         print(json.dumps(summary, indent=2))
         return
+    _write(report)
+    print(json.dumps(summary, indent=2))
+
+
+def _write(report: dict) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp_file = RESULTS.with_suffix(".json.tmp")
     tmp_file.write_text(json.dumps(report, indent=2))
     tmp_file.replace(RESULTS)
-    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
