@@ -243,11 +243,13 @@ def start_server(model: str, adapters: dict, port: int, threads: int, max_queue:
             "--device", "cpu"]
     for name, folder in adapters.items():
         args += ["--adapter", f"{name}={folder}"]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    # the server logs one line per request: to a file, never to a pipe nobody reads (a full pipe blocks it)
+    log = open(Path(tempfile.gettempdir()) / f"serve-load-{port}.log", "wb")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"the server exited; see {log.name}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc

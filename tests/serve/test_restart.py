@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -21,14 +22,16 @@ from .util import free_port
 MSG = [{"role": "user", "content": "Hello"}]
 
 
-def start(args, port):
+def start(args, port, log):
+    """The server's log goes to the file `log` (a pipe nobody reads would block it once full)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "reftkit", "serve", "--model", "tiny-llama", "--port", str(port),
-                             "--max-wait-ms", "5", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--max-wait-ms", "5", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "ab"))
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise AssertionError(f"the server exited: {Path(log).read_text()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
@@ -59,7 +62,8 @@ def test_kill_9_then_restart_keeps_every_adapter(tmp_path):
     args = ["--adapter", f"caps={root / 'caps'}", "--adapter-dir", str(root), "--allow-adapter-updates"]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start(args, port)
+    log = tmp_path / "server.log"
+    proc = start(args, port, log)
     try:
         r = httpx.post(url + "/v1/adapters", json={"name": "pirate", "path": "pirate"}, timeout=30)
         assert r.status_code == 201, r.text
@@ -73,7 +77,7 @@ def test_kill_9_then_restart_keeps_every_adapter(tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
-    proc = start(args, port)
+    proc = start(args, port, log)
     try:
         models = httpx.get(url + "/v1/models").json()["data"]
         assert [(m["id"], m["parent"]) for m in models] == [("tiny-llama", None), ("caps", "tiny-llama"),
@@ -82,7 +86,7 @@ def test_kill_9_then_restart_keeps_every_adapter(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)  # graceful: the engine stops, then uvicorn re-raises the signal
         assert proc.wait(30) in (0, -signal.SIGTERM)
-        assert "server stopped" in proc.stderr.read().decode()
+        assert "server stopped" in log.read_text()
 
 
 def test_import_reftkit_stays_free_of_the_server_stack():
