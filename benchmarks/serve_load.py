@@ -228,7 +228,11 @@ def rss_mb(pid: int) -> float:
 def metric(url, name) -> float:
     import httpx
 
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:  # counted as not drained yet
+        return float("nan")
+    for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
     return float("nan")
@@ -320,7 +324,7 @@ def main() -> None:
         print("open loop at 2x capacity ...", file=sys.stderr)
         over = asyncio.run(open_loop(url, 2 * capacity, args.overload_seconds, [args.model], seed=1))
         stopped = time.perf_counter()
-        while (metric(url, "reftkit_queue_depth") or metric(url, "reftkit_running_rows")) and \
+        while (metric(url, "reftkit_queue_depth") != 0 or metric(url, "reftkit_running_rows") != 0) and \
                 time.perf_counter() - stopped < 60:
             time.sleep(0.05)
         over["queue_drained_after_s"] = time.perf_counter() - stopped  # after the last response arrived
