@@ -87,6 +87,14 @@ def test_short_rows_clamp_first_last_and_spans_alike():
     assert _picked(loc) == [[5], [2, 3, 4, 5]] and loc.row_valid.tolist() == [True, True]
     loc = Positions.parse("span:4:6").resolve(region)
     assert _picked(loc) == [[], [4, 5]] and loc.row_valid.tolist() == [False, True]
+    # an open span that starts at or past every row's end selects nothing, and every slot still indexes inside
+    # the sequence (the engine gathers there before it masks)
+    for start in (6, 7, 40):
+        loc = Positions.span(start, None).resolve(region)
+        assert _picked(loc) == [[], []] and loc.row_valid.tolist() == [False, False]
+        assert int(loc.index.max()) <= 5 and int(loc.index.min()) >= 0
+    loc = Positions.span(torch.tensor([3, 3]), None).resolve(region)
+    assert _picked(loc) == [[], [3, 4, 5]] and int(loc.index.max()) <= 5
     # the unpadded fast path follows the same rule
     nine = torch.ones(1, 9, dtype=torch.bool)
     assert _picked(Positions.parse("f50").resolve(nine)) == _picked(Positions.parse("span:0:50").resolve(nine))

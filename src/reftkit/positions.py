@@ -282,13 +282,14 @@ class Positions:
         if self.kind == "span":
             s = torch.as_tensor(self.start, device=dev).expand(B) if self.start is not None else torch.zeros_like(n)
             e = torch.as_tensor(self.end, device=dev).expand(B) if self.end is not None else n
-            if bool((s < 0).any()) or bool((e < s).any()):
+            if bool((s < 0).any()) or (self.end is not None and bool((e < s).any())):
                 raise PositionError(f"a span needs 0 <= start <= end; got start={self.start}, end={self.end}")
             e = torch.minimum(e, n)  # clamped to the real tokens, like first/last counts
-            s = torch.minimum(s, e)
+            s = torch.minimum(s, e)  # a span that starts at or past a row's end selects nothing there
             K = int((e - s).max()) if B else 0
             ar = torch.arange(max(K, 1), device=dev)
-            idx = start[:, None] + s[:, None] + ar
+            # slots past a row's span (all of them when it selects nothing) must still index inside the sequence
+            idx = (start[:, None] + s[:, None] + ar).clamp(max=max(T - 1, 0))
             return _finish(idx, ar < (e - s)[:, None])
         if self.last:
             f = torch.clamp(torch.minimum(torch.full_like(n, self.first), (n + 1) // 2), min=0)

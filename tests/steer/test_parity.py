@@ -256,13 +256,18 @@ def test_lm_eval_clamp_file_is_the_ace_formula(refs):
         assert_close((ace - b) @ r, torch.full((5,), value), scale=float(h.abs().max() + b.abs().max()))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="a span that starts at the prompt's length (the first "
-                   "generated token) indexes past the prompt in the prefill forward of generate")
-def test_span_from_the_first_generated_token_generates(refs):
-    tok, meta = refs["tok"], refs["meta"]
-    p, end = meta["test_prompts"][0], meta["instruction_end"][0]
-    with _caa_steered(refs, [end + 1]) as steered:
-        steered.generate(**_one(tok, p), max_new_tokens=2, do_sample=False, pad_token_id=0)
+def test_a_span_from_the_first_generated_token_edits_only_generated_tokens(refs):
+    """CAA's scope with its start at the prompt's length (or past it) edits nothing of the prompt and every token
+    generation feeds back, on the one forward path generate takes (prefill, then cached steps)."""
+    inputs = _one(refs["tok"], refs["meta"]["test_prompts"][0])
+    T = inputs["input_ids"].shape[1]
+    v = _caa_vector(refs)
+    for start in (T, T + 3):
+        scope = scope_positions("from_instruction_end", start=torch.tensor([start]))
+        with steer(refs["model"], [(v, refs["meta"]["caa_multiplier"])], scope=scope, trace=True) as steered:
+            steered.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+            edited = next(iter(steered.edited_positions().values()))
+        assert edited == [[T, T + 1]], (start, edited)  # the two generated tokens fed back; no prompt token
 
 
 def test_todays_exports_are_the_files_the_references_read(refs, tmp_path):
