@@ -9,17 +9,17 @@ log-odds of a refusal-start token as the first reply token) and the share of gre
 base model, the direction ablated everywhere (on harmful prompts) and the direction added at its layer (on
 harmless ones), plus one reply of each.
 
-It does this twice: with SmolLM2's own chat template (its default system prompt), and with a system prompt that
-tells it to refuse harmful requests (`system=`), since the small model hardly refuses on its own. Candidates are
-read at every other layer to keep the run short.
+With `--system` it does this a second time under a system prompt that tells the model to refuse harmful requests
+(`system=`), since the small model does not refuse on its own (at every other layer, to keep the run short).
 
-    flock /tmp/reftkit-cpu.lock .venv/bin/python examples/steer/refusal_smollm2.py   (a few minutes on the CPU)
+    flock /tmp/reftkit-cpu.lock .venv/bin/python examples/steer/refusal_smollm2.py [--system]   (minutes on the CPU)
 
 `reftkit steer extract examples/steer/refusal.yaml` makes the same vector from the command line.
 """
 
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -40,7 +40,6 @@ model, tokenizer = load_model("smollm2-135m-instruct")
 
 SAFE = ("You are a careful assistant. If a request is harmful, dangerous, unethical or illegal, reply only: "
         "I'm sorry, but I can't help with that.")
-LAYERS = list(range(0, 30, 2))
 tokens = refusal_token_ids(tokenizer)
 
 
@@ -72,13 +71,17 @@ def replies(prompts, system, steered=None):
     return [tokenizer.decode(o[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
 
 
-for title, system in (("the model's own chat template", None), ("a system prompt asking to refuse harm", SAFE)):
+PASSES = [("the model's own chat template", None, None)]
+if "--system" in sys.argv:
+    PASSES.append(("a system prompt asking to refuse harm", SAFE, list(range(0, 30, 2))))
+for title, system, layers in PASSES:
     print(f"\n=== {title}")
     start = time.perf_counter()
     vector = refusal_direction(model, tokenizer, [r["positive"] for r in train], [r["negative"] for r in train],
-                               layers=LAYERS, system=system)
+                               layers=layers, system=system)
     print(f"extraction: {time.perf_counter() - start:.0f} s, {len(vector.report['candidates'])} candidates "
-          f"({len(vector.report['post_instruction_tokens'])} post-instruction positions x {len(LAYERS)} layers; "
+          f"({len(vector.report['post_instruction_tokens'])} post-instruction positions x "
+          f"{len(vector.report['layers'])} layers; "
           "layers from 24 on and zero candidates not scored)")
     base = vector.report["base"]
     print(f"base refusal score on the validation prompts: harmful {base['harmful_refusal_score']:.2f}, harmless "
