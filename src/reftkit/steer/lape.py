@@ -179,8 +179,8 @@ def _kth(values: torch.Tensor, ratio: float) -> float:
 def select_language_neurons(probabilities: torch.Tensor, *, top_rate: float = TOP_RATE,
                             filter_rate: float = FILTER_RATE,
                             activation_bar_ratio: float = ACTIVATION_BAR_RATIO) -> dict:
-    """LAPE on `[L, d_ff, K]` activation probabilities -> {"neurons": [K][L] sorted index lists, "entropy" [L, d_ff],
-    "selected": [(layer, neuron)], "filter_value", "activation_bar"} (module docstring)."""
+    """LAPE on `[L, d_ff, K]` activation probabilities -> `{"neurons": [K][L] sorted index lists, "entropy" [L, d_ff],
+    "selected": [(layer, neuron)], "filter_value", "activation_bar"}` (module docstring)."""
     for name, value in (("top_rate", top_rate), ("filter_rate", filter_rate),
                         ("activation_bar_ratio", activation_bar_ratio)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
