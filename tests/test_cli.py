@@ -276,6 +276,25 @@ def test_transformers_output_is_off_during_a_command_unless_verbose_and_restored
     assert settings() == before
 
 
+def test_library_logs_reach_stderr_during_a_command_and_the_logger_is_restored_after(capsys, monkeypatch):
+    import logging
+
+    library = logging.getLogger("reftkit")
+    before = (list(library.handlers), library.level)
+
+    def log_something(args):
+        logging.getLogger("reftkit.steer.vector").info("a library record")
+        return 0
+
+    monkeypatch.setitem(COMMANDS, "generate", cli.Command(COMMANDS["generate"].add_arguments, log_something, "x"))
+    code, out, err = run(capsys, "generate", "--prompt", "hi")
+    assert code == 0 and out == "" and err == "reftkit: a library record\n"
+    assert (list(library.handlers), library.level) == before
+    # a record after the command never reaches the stream the command wrote to (it may be closed by then)
+    logging.getLogger("reftkit.steer.vector").info("after the command")
+    assert "after the command" not in capsys.readouterr().err
+
+
 def test_loading_a_folder_writes_no_transformers_progress_bar_or_load_report(tmp_path):
     """A folder whose weights hold an unexpected key: transformers draws a "Loading weights" bar and logs a
     coloured load report; the CLI shows neither, and shows both with --verbose."""

@@ -98,13 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(debug: bool) -> None:
+@contextlib.contextmanager
+def _library_logging(debug: bool):
+    """While a command runs, the library's logs go to stderr as `reftkit: ...` lines (every record with --debug);
+    the `reftkit` logger's handlers and level come back afterwards, so calling `main` in-process leaves no handler
+    bound to a stream that may be closed later."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("reftkit: %(message)s" if not debug else
                                            "%(levelname)s %(name)s: %(message)s"))
     library_logger = logging.getLogger("reftkit")
+    handlers, level = library_logger.handlers, library_logger.level
     library_logger.handlers = [handler]
     library_logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    try:
+        yield
+    finally:
+        library_logger.handlers = handlers
+        library_logger.setLevel(level)
 
 
 def _fail(exc: BaseException, debug: bool, *, with_type: bool) -> int:
@@ -133,11 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    _configure_logging(args.debug)
     command = COMMANDS[args.command]
     try:
-        with (quiet_transformers(not (args.verbose or args.debug)) if command.loads_models
-              else contextlib.nullcontext()):
+        with _library_logging(args.debug), (quiet_transformers(not (args.verbose or args.debug))
+                                            if command.loads_models else contextlib.nullcontext()):
             code = command.run(args)
         sys.stdout.flush()  # a reader that closed stdout early shows up here, inside the handlers below
         return code

@@ -96,9 +96,10 @@ def _model_device(model):
     return p.device if p is not None else torch.device("cpu")
 
 
-def _accepts_position_ids(model) -> bool:
+def accepts(model, argument: str) -> bool:
+    """Whether the model's forward takes `argument` (`position_ids`, `logits_to_keep`)."""
     try:
-        return "position_ids" in inspect.signature(model.forward).parameters
+        return argument in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -106,11 +107,14 @@ def _accepts_position_ids(model) -> bool:
 def iter_batches(model, batches, sites: list[Site], *, progress: bool = False, desc: str = "read activations"):
     """One forward per `(inputs, read_mask)` batch (without gradients, positions from the attention mask), reading
     every site at the `read_mask` tokens; yields `(counts, {site name: [B, K, d] float32 CPU})` where row b's first
-    `counts[b]` slots are its read tokens in order (the rest padding). The model is in eval mode meanwhile."""
+    `counts[b]` slots are its read tokens in order (the rest padding). The model is in eval mode meanwhile. A causal
+    LM computes the logits of the last position only (`logits_to_keep=1`): nothing here reads them, and the LM head
+    over every token is a large share of a small model's forward."""
     device = _model_device(model)
     names = [s.name for s in sites]
     bindings = [Binding(s, CollectIntervention(), name=s.name) for s in sites]
-    with_positions = _accepts_position_ids(model)
+    with_positions = accepts(model, "position_ids")
+    head = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
     if progress:
         from tqdm.auto import tqdm
 
@@ -124,7 +128,7 @@ def iter_batches(model, batches, sites: list[Site], *, progress: bool = False, d
                 kwargs = {k: v.to(device) for k, v in inputs.items()}
                 if with_positions and not bool(mask.all()):
                     kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0).to(device)
-                out = im.run(kwargs, positions=Positions.mask(read_mask.to(device)), use_cache=False)
+                out = im.run(kwargs, positions=Positions.mask(read_mask.to(device)), use_cache=False, **head)
                 # the mask selector lists each row's tokens first, in order
                 yield read_mask.sum(1), {n: out.collected[n].float().cpu() for n in names}
     finally:
@@ -140,8 +144,11 @@ def read_sequences(model, tokenizer, seqs: list[Sequence], sites: list[Site], re
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = 0 if pad is None else pad
-    batches = [padded_batch(seqs[i:i + batch_size], read, pad, padding_side)
-               for i in range(0, len(seqs), batch_size)]
+    # batches of similar lengths waste less compute on padding; the results are put back in the caller's order
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
+    ordered = [seqs[i] for i in order]
+    batches = [padded_batch(ordered[i:i + batch_size], read, pad, padding_side)
+               for i in range(0, len(ordered), batch_size)]
     names = [s.name for s in sites]
     pooled = {n: [] for n in names}
     norm_sum = {n: 0.0 for n in names}
@@ -153,7 +160,9 @@ def read_sequences(model, tokenizer, seqs: list[Sequence], sites: list[Site], re
             valid = (torch.arange(v.shape[1])[None, :] < counts[:, None]).float()
             pooled[n].append((v * valid[..., None]).sum(1) / counts[:, None])
             norm_sum[n] += float((v.norm(dim=-1) * valid).double().sum())
-    vectors = {n: torch.cat(pooled[n]) for n in names}
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    vectors = {n: torch.cat(pooled[n])[back] for n in names}
     return vectors, {n: norm_sum[n] / max(tokens, 1) for n in names}
 
 

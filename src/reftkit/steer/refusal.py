@@ -233,14 +233,14 @@ def _read_positions(model, seqs, sites, n_positions: int, pad: int, batch_size: 
 @torch.no_grad()
 def _last_logits(model, seqs, pad: int, batch_size: int, steered=None) -> torch.Tensor:
     """The next-token logits `[N, V]` after each prompt (left-padded, positions from the mask), optionally steered."""
-    from .reading import _accepts_position_ids, _model_device
+    from .reading import _model_device, accepts
 
     device = _model_device(model)
     rows = []
     for inputs, _ in _batches(seqs, "last", pad, batch_size, "left"):
         mask = inputs["attention_mask"]
         kwargs = {k: v.to(device) for k, v in inputs.items()}
-        if _accepts_position_ids(model):
+        if accepts(model, "position_ids"):
             kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0).to(device)
         out = model(**kwargs, use_cache=False) if steered is None else steered.run(kwargs, use_cache=False).output
         rows.append(out.logits[:, -1].float().cpu())
