@@ -104,6 +104,16 @@ def accepts(model, argument: str) -> bool:
         return False
 
 
+def _reads_head(model, sites: list[Site]) -> bool:
+    """Whether a site is the LM head (whose input `logits_to_keep` cuts to the last position) or inside it."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return False
+    inside = {id(m) for m in head.modules()}
+    return any(id(resolve_site(model, s).module) in inside for s in sites)
+
+
 def iter_batches(model, batches, sites: list[Site], *, progress: bool = False, desc: str = "read activations"):
     """One forward per `(inputs, read_mask)` batch (without gradients, positions from the attention mask), reading
     every site at the `read_mask` tokens; yields `(counts, {site name: [B, K, d] float32 CPU})` where row b's first
@@ -114,7 +124,7 @@ def iter_batches(model, batches, sites: list[Site], *, progress: bool = False, d
     names = [s.name for s in sites]
     bindings = [Binding(s, CollectIntervention(), name=s.name) for s in sites]
     with_positions = accepts(model, "position_ids")
-    head = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+    head = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") and not _reads_head(model, sites) else {}
     if progress:
         from tqdm.auto import tqdm
 
