@@ -2,7 +2,7 @@
 and K concept adapters trained in one pass against one after another.
 
 Run (always under the machine's CPU lock, bounded by --budget seconds):
-    flock /tmp/reftkit-cpu.lock .venv/bin/python benchmarks/scale.py [--steps 6] [--concept-steps 3]
+    .venv/bin/python benchmarks/scale.py [--steps 6] [--concept-steps 3]
 
 Setup: float32, LoReFT rank 4 at layers 8/16/24 (positions f1+l1, tied) for the process comparison, global batch 8,
 lr 4e-3, clipping at 1.0; the 1-process run uses 2 torch threads, each of the 2 processes 1 thread (the machine's

@@ -1,7 +1,7 @@
 """Load benchmark of `reftkit serve`, side by side with in-process batched `generate` on the same prompts.
 
 Run (heavy: under the shared lock):
-    flock /tmp/reftkit-cpu.lock .venv/bin/python benchmarks/serve_load.py [--threads 2] [--quick]
+    .venv/bin/python benchmarks/serve_load.py [--threads 2] [--quick]
 
 What it does, in one run, loopback only, bounded in time and count:
 1. Loads SmolLM2-135M-Instruct (float32) here, makes 8 random LoReFT adapters (rank 4, layers 8/16/24, position

@@ -23,8 +23,8 @@ text, distinct-2, Δ log-likelihood steerability over the grid (mean slope, anti
 on held-out pairs, and train/extract time. A small layers × strengths sweep of the all-caps `mean_diff` vector
 under a KL budget shows how the layer decides the outcome.
 
-    flock /tmp/reftkit-cpu.lock .venv/bin/python benchmarks/steer_quality.py          # ~15-20 min, 2 threads
-    flock /tmp/reftkit-cpu.lock .venv/bin/python benchmarks/steer_quality.py --quick  # smoke run
+    .venv/bin/python benchmarks/steer_quality.py          # ~15-20 min, 2 threads
+    .venv/bin/python benchmarks/steer_quality.py --quick  # smoke run
 
 Results: benchmarks/results/steer_quality.json and steer_quality.png (`--quick`: steer_quality_quick.*).
 """

@@ -2,7 +2,7 @@
 every layer from 64 contrast pairs, and the cost of steered greedy generation against the plain model.
 
 Setup: the references live in their own virtualenv (recipe in tools/make_steer_fixtures.py). Run, under the lock:
-    flock /tmp/reftkit-cpu.lock .venv/bin/python benchmarks/steer_speed.py \
+    .venv/bin/python benchmarks/steer_speed.py \
         [--refs-python /work/venv-steer-refs/bin/python] [--rounds 2] [--repeats 3] [--threads 2]
 
 Same model (SmolLM2-135M-Instruct, float32; reftkit loads its built-in, the references dequantise the same GGUF
