@@ -36,7 +36,8 @@ from ..precision import resolve_bf16
 from .data import Collator
 from .distributed import check_launcher
 from .model import ReftModel
-from .train import bf16_training_attention, load_raw_state, param_groups, raw_state
+from .checkpoint import load_raw_state, raw_state
+from .train import bf16_training_attention, param_groups
 
 log = logging.getLogger(__name__)
 TRAINABLE_STATE_NAME = "trainable_state.safetensors"
